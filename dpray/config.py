@@ -1,0 +1,240 @@
+"""The one typed configuration model that drives every dpray command.
+
+Every stage owns one section.  A config is loaded from YAML, then ``--set section.key=value``
+overrides are applied, then the whole tree is validated by pydantic.  Unknown keys and bad values
+fail with a :class:`ConfigError` whose message names the offending key, so a typo never silently
+falls back to a default (a silently ignored ``privacy.epsilon`` would be a privacy bug).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and never echoes private data."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the private instructions come from and how records are validated."""
+
+    path: str = Field(
+        description="A file, a directory of files, `hf://NAME[:split]` for a Hugging Face "
+        "dataset, or `demo://` (optionally `demo://?n=3000&seed=0`) for the embedded demo corpus."
+    )
+    text_field: str = Field("text", description="Field holding the instruction text.")
+    id_field: str | None = Field(None, description="Field holding a unique record id (optional).")
+    user_field: str | None = Field(None, description="Field holding the user id (optional).")
+    max_chars: int = Field(4000, gt=0, description="Longer texts are rejected as `too_long`.")
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="skip: drop bad records and count them; fail: stop at the first."
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
+        "auto", description="Input format; auto picks by file extension."
+    )
+    dedupe: bool = Field(True, description="Drop exact and normalised-whitespace/case duplicates.")
+
+
+class PrivacyConfig(Section):
+    """The privacy target and unit.  One ledger composes every DP step against it."""
+
+    epsilon: float = Field(gt=0, description="Total epsilon for the whole run.")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="Total delta; default 1/(n ln n) for n records or users."
+    )
+    unit: Literal["instruction", "user"] = Field(
+        "instruction", description="What one neighbouring dataset adds or removes."
+    )
+    max_records_per_user: int = Field(
+        8, ge=1, description="User-level DP: records kept per user (extra ones dropped at random)."
+    )
+    train_share: float = Field(
+        0.9, gt=0, le=1, description="Share of the epsilon budget given to generator training."
+    )
+
+    def resolve_delta(self, n: int) -> float:
+        """Return the configured delta, or 1/(n ln n) for ``n`` records/users (the paper's rule)."""
+        if self.delta is not None:
+            return self.delta
+        if n < 3:
+            raise ConfigError("privacy.delta: cannot default to 1/(n ln n) with fewer than 3 units")
+        return 1.0 / (n * math.log(n))
+
+
+class RayConfig(Section):
+    """How to reach Ray: a local instance by default, or an existing cluster."""
+
+    address: str | None = Field(
+        None,
+        description="Cluster address (`auto`, `ray://host:10001`); else RAY_ADDRESS; else local.",
+    )
+    temp_dir: str | None = Field(
+        None, description="Ray's session directory for a local instance (default: inside run_dir)."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local instance.")
+
+
+class TrainConfig(Section):
+    """DP fine-tuning of the instruction generator (LoRA + DP-SGD on Ray Train)."""
+
+    model: str = Field("packaged:smollm2", description="Base causal LM: path, .gguf, or packaged:*")
+    max_tokens: int = Field(64, ge=8, description="Training sequences are truncated to this.")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    epochs: float = Field(1.0, gt=0, description="Expected passes over the data (sets steps).")
+    steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    expected_batch_size: int = Field(64, ge=1, description="q = expected_batch_size / n.")
+    micro_batch_size: int = Field(16, ge=1, description="Examples per forward/backward pass.")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_norm: float = Field(0.5, gt=0, description="Per-example (or per-user) L2 clip C.")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="sigma; solved from the budget when unset. 0 disables noise (no DP).",
+    )
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    num_workers: int = Field(1, ge=1)
+    noise: Literal["auto", "central", "secure"] = Field(
+        "auto", description="auto: secure with more than one worker, central otherwise."
+    )
+    min_honest_workers: int | None = Field(None, ge=1, description="t; default all workers.")
+    secure_bits: int = Field(40, ge=16, le=56)
+    checkpoint_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+    use_gpu: bool = False
+    template: str = Field(
+        "", description="Fixed text before every instruction; generation starts from it."
+    )
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one module")
+        return value
+
+
+class DprayConfig(Section):
+    """The whole run: one section per stage plus run-wide settings."""
+
+    run_dir: str = Field("runs/default", description="Where every stage reads and writes.")
+    seed: int = Field(0, description="Root seed; each stage derives its own from it.")
+    data: DataConfig
+    privacy: PrivacyConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _user_unit_needs_user_field(self) -> DprayConfig:
+        if self.privacy.unit == "user" and not self.data.user_field:
+            raise ValueError("privacy.unit is 'user' but data.user_field is not set")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections (what a stage's completion marker depends on)."""
+        dumped = {}
+        for name in sections:
+            value = getattr(self, name)
+            dumped[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        blob = json.dumps(dumped, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = item["msg"]
+        lines.append(f"config key '{key}': {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is parsed as YAML (so 1e-5, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"--set '{key}': value is not valid YAML ({exc.__class__.__name__})"
+        ) from None
+    return parts, value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides to a raw config tree (validation happens afterwards)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set '{'.'.join(parts)}': '{prefix}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped inside the package (``demo``, ``smoke``)."""
+    ref = resources.files("dpray") / "configs" / f"{name}.yaml"
+    return Path(str(ref))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DprayConfig:
+    """Load YAML, apply overrides, validate.  Raises :class:`ConfigError` naming the key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_tree(tree, overrides)
+
+
+def config_from_tree(tree: dict, overrides: list[str] | None = None) -> DprayConfig:
+    """Validate a raw tree (after overrides) into a :class:`DprayConfig`."""
+    tree = apply_overrides(json.loads(json.dumps(tree)), overrides or [])
+    try:
+        return DprayConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None

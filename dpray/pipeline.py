@@ -1,0 +1,103 @@
+"""Stage order, completion markers, skip-if-done.
+
+A stage is *done* when its marker exists and records the same fingerprint as now: a hash of the
+config sections it depends on and of the content of the files it reads.  ``dpray run`` walks the
+stage list and reruns exactly the stages whose fingerprint changed (and so, through their outputs,
+everything downstream whose inputs changed).  Markers hash private inputs, so they live under
+``private/state/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import dpray
+from dpray.config import DprayConfig
+from dpray.rundir import RunDir, read_json, write_json
+from dpray.stages import STAGE_ORDER, STAGES
+from dpray.stages.base import Stage, StageResult
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content (directories: of their files, in sorted order)."""
+    digest = hashlib.sha256()
+    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for item in paths:
+        digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode())
+        with item.open("rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(stage: Stage, config: DprayConfig, run_dir: RunDir) -> dict:
+    """What a stage's result depends on: its config sections and its input files."""
+    inputs = {str(p): file_digest(p) for p in stage.inputs(config, run_dir) if p.exists()}
+    combined = hashlib.sha256(
+        (config.section_hash(*stage.sections) + repr(sorted(inputs.items()))).encode()
+    ).hexdigest()[:16]
+    return {"fingerprint": combined, "config": config.section_hash(*stage.sections)}
+
+
+def is_done(stage: Stage, config: DprayConfig, run_dir: RunDir) -> bool:
+    marker = run_dir.marker(stage.name)
+    if not marker.exists():
+        return False
+    recorded = read_json(marker)
+    if recorded.get("fingerprint") != fingerprint(stage, config, run_dir)["fingerprint"]:
+        return False
+    return all(Path(p).exists() for p in recorded.get("outputs", {}).values())
+
+
+def run_stage(
+    stage: Stage, config: DprayConfig, run_dir: RunDir, force: bool = False
+) -> StageResult | None:
+    """Run one stage unless done; write its marker.  Returns None when skipped."""
+    if not force and is_done(stage, config, run_dir):
+        log.info("%s: already done with this config and these inputs; skipped", stage.name)
+        return None
+    if stage.needs_ray:
+        from dpray.runtime import ensure_ray
+
+        ensure_ray(config, run_dir)
+    log.info("%s: started", stage.name)
+    start = time.monotonic()
+    result = stage.run(config, run_dir)
+    seconds = time.monotonic() - start
+    marker = fingerprint(stage, config, run_dir)  # inputs hashed before outputs are trusted
+    marker.update(
+        {
+            "stage": stage.name,
+            "dpray_version": dpray.__version__,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(seconds, 3),
+            "outputs": result.outputs,
+        }
+    )
+    write_json(run_dir.marker(stage.name), marker)
+    _record_timing(run_dir, stage.name, seconds)
+    log.info("%s: finished in %.1f s", stage.name, seconds)
+    return result
+
+
+def _record_timing(run_dir: RunDir, name: str, seconds: float) -> None:
+    path = run_dir.public("timings") / "stages.json"
+    timings = read_json(path) if path.exists() else {}
+    timings[name] = round(seconds, 3)
+    write_json(path, timings)
+
+
+def run_pipeline(
+    config: DprayConfig, run_dir: RunDir, stages: list[str] | None = None, force: bool = False
+) -> dict[str, StageResult | None]:
+    """Run the stages in order, skipping completed ones."""
+    names = stages or [name for name in STAGE_ORDER if name in STAGES]
+    results: dict[str, StageResult | None] = {}
+    for name in names:
+        results[name] = run_stage(STAGES[name], config, run_dir, force=force)
+    return results

@@ -1,0 +1,262 @@
+"""The privacy ledger: one file, ``RUN_DIR/ledger.json``, composing every DP event of a run.
+
+Why one module: the guarantee a user is promised is the composition of *all* DP steps, so exactly
+one place composes them, checks a new spend against the target *before* it happens, and refuses a
+spend that would overshoot (nothing is written then).  Accounting is dp-accounting's: the PLD
+accountant gives the reported epsilon when every event is one dp-accounting knows; an RDP
+accountant is kept as a cross-check, and is the reported accountant when an event only has an RDP
+curve (secure aggregation's Skellam noise).
+
+File schema (stable, so tools can recompute it)::
+
+    {"unit": "instruction", "target": {"epsilon": E, "delta": D},
+     "spent": {"epsilon": e, "delta": D, "accountant": "pld", "rdp_epsilon": e2},
+     "events": [{"stage": ..., "mechanism": ..., <mechanism fields>}, ...]}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+
+from dpray.privacy.events import PrivacyEvent
+
+# Integer orders: the Skellam subsampling bound is stated for integer alpha >= 2.
+RDP_ORDERS: tuple[int, ...] = tuple(range(2, 129)) + (160, 192, 256, 320, 384, 512, 768, 1024)
+PLD_DISCRETIZATION = 1e-4
+EPS_TOLERANCE = 1e-9
+
+
+class BudgetExceededError(RuntimeError):
+    """A spend was refused: composing it would exceed the target epsilon."""
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """The composed cost of a list of events."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+    rdp_epsilon: float
+
+
+def _rdp_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
+    orders = np.asarray(RDP_ORDERS, dtype=float)
+    total = np.zeros_like(orders)
+    for event in events:
+        total = total + event.rdp(orders)
+    eps, _ = dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+    return float(eps)
+
+
+def _pld_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for event in events:
+        accountant.compose(event.dp_event())
+    return float(accountant.get_epsilon(delta))
+
+
+def compose(events: Sequence[PrivacyEvent], delta: float, fast: bool = False) -> Accounting:
+    """Compose ``events`` at ``delta`` with dp-accounting (PLD when possible, else RDP).
+
+    ``fast`` skips the PLD accountant (~0.5 s) and reports RDP's epsilon, which is never smaller:
+    used for per-step progress writes during training, then replaced by the exact figure.
+    """
+    return _compose_cached(tuple(events), float(delta), bool(fast))
+
+
+@functools.lru_cache(maxsize=256)
+def _compose_cached(events: tuple[PrivacyEvent, ...], delta: float, fast: bool) -> Accounting:
+    live = [e for e in events if not _is_empty(e)]
+    if not live:
+        return Accounting(0.0, delta, "none", 0.0)
+    if any(not e.is_private() for e in live):
+        return Accounting(math.inf, delta, "none", math.inf)
+    rdp_eps = _rdp_epsilon(live, delta)
+    if not fast and all(e.dp_event() is not None for e in live):
+        return Accounting(_pld_epsilon(live, delta), delta, "pld", rdp_eps)
+    return Accounting(rdp_eps, delta, "rdp", rdp_eps)
+
+
+def _is_empty(event: PrivacyEvent) -> bool:
+    return getattr(event, "steps", None) == 0 or getattr(event, "count", None) == 0
+
+
+class Ledger:
+    """A run's privacy ledger.  Immutable events; every change is checked, then written atomically."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        unit: str,
+        epsilon: float,
+        delta: float,
+        events: Iterable[PrivacyEvent] = (),
+    ) -> None:
+        self.path = Path(path)
+        self.unit = unit
+        self.target_epsilon = float(epsilon)
+        self.target_delta = float(delta)
+        self.events: tuple[PrivacyEvent, ...] = tuple(events)
+
+    # ---------------------------------------------------------------------------- persistence
+    @classmethod
+    def create(cls, path: str | Path, unit: str, epsilon: float, delta: float) -> Ledger:
+        """Start a ledger, or reopen one with the same target (a rerun must not reset spends)."""
+        path = Path(path)
+        if path.exists():
+            ledger = cls.load(path)
+            if (ledger.unit, ledger.target_epsilon) != (unit, float(epsilon)) or not math.isclose(
+                ledger.target_delta, delta, rel_tol=1e-9
+            ):
+                if ledger.events:
+                    raise BudgetExceededError(
+                        f"{path}: ledger has spends under a different target "
+                        f"(unit={ledger.unit}, epsilon={ledger.target_epsilon}, "
+                        f"delta={ledger.target_delta:.3g}); use a new run directory"
+                    )
+                ledger = cls(path, unit, epsilon, delta)
+                ledger.save()
+            return ledger
+        ledger = cls(path, unit, epsilon, delta)
+        ledger.save()
+        return ledger
+
+    @classmethod
+    def load(cls, path: str | Path) -> Ledger:
+        path = Path(path)
+        data = json.loads(path.read_text())
+        events = [PrivacyEvent.from_dict(e) for e in data.get("events", [])]
+        target = data["target"]
+        return cls(path, data["unit"], target["epsilon"], target["delta"], events)
+
+    def to_dict(self, fast: bool = False) -> dict:
+        acc = self.accounting(fast=fast)
+        return {
+            "unit": self.unit,
+            "target": {"epsilon": self.target_epsilon, "delta": self.target_delta},
+            "spent": {
+                "epsilon": _json_float(acc.epsilon),
+                "delta": self.target_delta,
+                "accountant": acc.accountant,
+                "rdp_epsilon": _json_float(acc.rdp_epsilon),
+            },
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    def save(self, fast: bool = False) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.to_dict(fast=fast), handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, self.path)
+
+    # ------------------------------------------------------------------------------ accounting
+    def accounting(
+        self, events: Sequence[PrivacyEvent] | None = None, fast: bool = False
+    ) -> Accounting:
+        return compose(self.events if events is None else events, self.target_delta, fast)
+
+    @property
+    def spent_epsilon(self) -> float:
+        return self.accounting().epsilon
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return max(0.0, self.target_epsilon - self.spent_epsilon)
+
+    def would_spend(
+        self, event: PrivacyEvent, replace_run: bool = False, fast: bool = False
+    ) -> float:
+        """Composed epsilon if ``event`` were added (or replaced its run's earlier progress)."""
+        return self.accounting(self._with(event, replace_run), fast=fast).epsilon
+
+    def _with(self, event: PrivacyEvent, replace_run: bool) -> tuple[PrivacyEvent, ...]:
+        if replace_run and event.run_id:
+            kept = tuple(
+                e for e in self.events if not (e.stage == event.stage and e.run_id == event.run_id)
+            )
+            return kept + (event,)
+        return self.events + (event,)
+
+    def check(self, event: PrivacyEvent, replace_run: bool = False, fast: bool = False) -> float:
+        """Raise :class:`BudgetExceededError` if ``event`` would overshoot; else return the total."""
+        total = self.would_spend(event, replace_run, fast)
+        if total > self.target_epsilon + EPS_TOLERANCE:
+            raise BudgetExceededError(
+                f"stage '{event.stage}': {event.mechanism} would bring epsilon to "
+                f"{total:.4g} > target {self.target_epsilon:.4g} "
+                f"(delta={self.target_delta:.3g}); nothing was spent"
+            )
+        return total
+
+    def spend(self, event: PrivacyEvent) -> float:
+        """Check, then append ``event`` and write the ledger.  Returns the new total epsilon."""
+        total = self.check(event)
+        self.events = self._with(event, replace_run=False)
+        self.save()
+        return total
+
+    def record_progress(self, event: PrivacyEvent, exact: bool = False) -> float:
+        """Replace this run's (stage, run_id) event with ``event``: steps counted as they happen.
+
+        Training calls this after every noisy step, so a crash never loses a spent step.  The
+        whole planned run was checked with :meth:`check` before the first step; progress writes
+        use the fast (RDP, never smaller) figure unless ``exact``.
+        """
+        if not event.run_id:
+            raise ValueError("record_progress needs an event with a run_id")
+        total = self.check(event, replace_run=True, fast=not exact)
+        self.events = self._with(event, replace_run=True)
+        self.save(fast=not exact)
+        return total
+
+    def run_event(self, stage: str, run_id: str) -> PrivacyEvent | None:
+        """The recorded event of one (stage, run_id), if any (a resumed run continues it)."""
+        for event in self.events:
+            if event.stage == stage and event.run_id == run_id:
+                return event
+        return None
+
+    # ------------------------------------------------------------------------------- reporting
+    def per_stage(self) -> list[tuple[str, float]]:
+        """Each stage's epsilon on its own (at the full delta), in order of first spend."""
+        stages: dict[str, list[PrivacyEvent]] = {}
+        for event in self.events:
+            stages.setdefault(event.stage, []).append(event)
+        return [(stage, self.accounting(evs).epsilon) for stage, evs in stages.items()]
+
+    def format_table(self) -> str:
+        acc = self.accounting()
+        lines = [
+            f"privacy unit: {self.unit}    delta: {self.target_delta:.3g}    "
+            f"accountant: {acc.accountant}",
+            f"{'stage':<20} {'mechanism':<30} {'epsilon':>10}",
+        ]
+        by_stage = dict(self.per_stage())
+        seen: set[str] = set()
+        for event in self.events:
+            if event.stage in seen:
+                continue
+            seen.add(event.stage)
+            mechs = ",".join(sorted({e.mechanism for e in self.events if e.stage == event.stage}))
+            lines.append(f"{event.stage:<20} {mechs:<30} {by_stage[event.stage]:>10.4f}")
+        lines.append(f"{'composed total':<51} {acc.epsilon:>10.4f}")
+        lines.append(f"{'target':<51} {self.target_epsilon:>10.4f}")
+        lines.append(f"{'remaining':<51} {max(0.0, self.target_epsilon - acc.epsilon):>10.4f}")
+        return "\n".join(lines)
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else "inf"

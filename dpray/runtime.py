@@ -1,0 +1,80 @@
+"""Ray connection, temp and cache directories, seeds.
+
+Local by default: ``ray.init`` with its session directory inside the run directory (never the
+shared ``/tmp/ray``), so two users or two test runs on one machine never share Ray state.  With
+``--address``/``ray.address``/``RAY_ADDRESS`` it joins an existing cluster instead, which is how
+``ray start --head`` + ``dpray run --address auto`` and ``ray job submit -- dpray run`` work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from dpray.config import DprayConfig
+from dpray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+# Ray's unix socket paths (session dir + "/sockets/plasma_store") must fit in 107 bytes.
+MAX_RAY_TEMP_LEN = 40
+
+
+def cache_root() -> Path:
+    """Per-machine cache (converted models, compiled extensions): $DPRAY_CACHE_DIR or ~/.cache."""
+    return Path(os.environ.get("DPRAY_CACHE_DIR", Path.home() / ".cache" / "dpray"))
+
+
+def configure_caches(run_dir: RunDir) -> None:
+    """Point torch-extension, Triton and vLLM caches at our cache, not shared /tmp paths."""
+    root = cache_root()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(root / "vllm"))
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def ray_temp_dir(config: DprayConfig, run_dir: RunDir) -> Path:
+    """Where a local Ray keeps its session: config, else ``RUN_DIR/.ray`` if short enough."""
+    if config.ray.temp_dir:
+        return Path(config.ray.temp_dir).expanduser().resolve()
+    candidate = run_dir.root / ".ray"
+    if len(str(candidate)) <= MAX_RAY_TEMP_LEN:
+        return candidate
+    digest = hashlib.sha256(str(run_dir.root).encode()).hexdigest()[:10]
+    return cache_root() / "ray" / digest
+
+
+def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
+    """Connect to Ray once per process (no-op when already connected)."""
+    import ray
+
+    configure_caches(run_dir)
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    temp_dir = ray_temp_dir(config, run_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    log.info("starting a local Ray (session files in %s)", temp_dir)
+    ray.init(
+        _temp_dir=str(temp_dir),
+        num_cpus=config.ray.num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

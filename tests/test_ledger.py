@@ -1,0 +1,138 @@
+"""The ledger: schema, recomputation with dp-accounting, refusal of overspending."""
+
+from __future__ import annotations
+
+import json
+
+import dp_accounting
+import pytest
+
+from dpray.privacy.events import (
+    GaussianEvent,
+    PoissonSubsampledGaussianEvent,
+    PrivacyEvent,
+)
+from dpray.privacy.ledger import BudgetExceededError, Ledger
+
+DELTA = 1e-5
+
+
+def recompute_pld(events: list[dict], delta: float) -> float:
+    """Independent recomputation straight from the JSON events (no dpray code)."""
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    for e in events:
+        if e["mechanism"] == "poisson_subsampled_gaussian":
+            accountant.compose(
+                dp_accounting.PoissonSampledDpEvent(
+                    e["sampling_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"])
+                ),
+                e["steps"],
+            )
+        elif e["mechanism"] == "gaussian":
+            accountant.compose(dp_accounting.GaussianDpEvent(e["noise_multiplier"]), e["count"])
+        else:
+            raise AssertionError(e["mechanism"])
+    return accountant.get_epsilon(delta)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    return Ledger.create(tmp_path / "ledger.json", "instruction", 3.0, DELTA)
+
+
+def test_schema_and_recomputation(ledger):
+    ledger.spend(
+        PoissonSubsampledGaussianEvent(
+            "train-generator", noise_multiplier=1.1, sampling_rate=0.02, steps=300
+        )
+    )
+    ledger.spend(GaussianEvent("filter", noise_multiplier=8.0))
+    data = json.loads(ledger.path.read_text())
+    assert set(data) == {"unit", "target", "spent", "events"}
+    assert data["unit"] == "instruction"
+    assert data["target"] == {"epsilon": 3.0, "delta": DELTA}
+    assert data["spent"]["accountant"] == "pld"
+    assert data["spent"]["delta"] == DELTA
+    assert data["events"][0] == {
+        "stage": "train-generator",
+        "mechanism": "poisson_subsampled_gaussian",
+        "noise_multiplier": 1.1,
+        "sampling_rate": 0.02,
+        "steps": 300,
+    }
+    assert data["events"][1]["mechanism"] == "gaussian"
+    independent = recompute_pld(data["events"], DELTA)
+    assert data["spent"]["epsilon"] == pytest.approx(independent, rel=1e-3)
+    # RDP cross-check: never smaller than PLD, and in the same ballpark
+    assert independent <= data["spent"]["rdp_epsilon"] <= 1.5 * independent
+    # reload round-trips
+    again = Ledger.load(ledger.path)
+    assert again.events == ledger.events
+    assert again.spent_epsilon == pytest.approx(independent, rel=1e-3)
+
+
+def test_overspend_refused_and_nothing_written(ledger):
+    ledger.spend(GaussianEvent("filter", noise_multiplier=2.0))
+    before = ledger.path.read_text()
+    with pytest.raises(BudgetExceededError, match="target 3"):
+        ledger.spend(
+            PoissonSubsampledGaussianEvent(
+                "train-generator", noise_multiplier=0.5, sampling_rate=0.1, steps=1000
+            )
+        )
+    assert ledger.path.read_text() == before
+    assert len(Ledger.load(ledger.path).events) == 1
+
+
+def test_zero_noise_is_infinite_and_refused(ledger):
+    with pytest.raises(BudgetExceededError):
+        ledger.spend(GaussianEvent("filter", noise_multiplier=0.0))
+
+
+def test_progress_replaces_same_run_and_counts_every_step(ledger):
+    base = PoissonSubsampledGaussianEvent(
+        "train-generator", noise_multiplier=1.0, sampling_rate=0.01, steps=0, run_id="r1"
+    )
+    for steps in (1, 2, 3):
+        ledger.record_progress(
+            PoissonSubsampledGaussianEvent(
+                "train-generator",
+                noise_multiplier=1.0,
+                sampling_rate=0.01,
+                steps=steps,
+                run_id=base.run_id,
+            )
+        )
+    loaded = Ledger.load(ledger.path)
+    assert len(loaded.events) == 1 and loaded.events[0].steps == 3
+    assert loaded.run_event("train-generator", "r1").steps == 3
+    # a second run of the stage is a new spend, not a replacement
+    ledger.record_progress(
+        PoissonSubsampledGaussianEvent(
+            "train-generator", noise_multiplier=1.0, sampling_rate=0.01, steps=2, run_id="r2"
+        )
+    )
+    assert len(Ledger.load(ledger.path).events) == 2
+
+
+def test_reopen_keeps_spends_and_rejects_other_target(tmp_path):
+    path = tmp_path / "ledger.json"
+    first = Ledger.create(path, "instruction", 3.0, DELTA)
+    first.spend(GaussianEvent("filter", noise_multiplier=5.0))
+    assert len(Ledger.create(path, "instruction", 3.0, DELTA).events) == 1
+    with pytest.raises(BudgetExceededError, match="different target"):
+        Ledger.create(path, "user", 3.0, DELTA)
+
+
+def test_unknown_mechanism_rejected():
+    with pytest.raises(ValueError, match="unknown mechanism 'laplace'"):
+        PrivacyEvent.from_dict({"stage": "x", "mechanism": "laplace"})
+
+
+def test_budget_table(ledger, capsys):
+    from dpray.cli import main
+
+    ledger.spend(GaussianEvent("filter", noise_multiplier=5.0))
+    assert main(["budget", str(ledger.path.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "filter" in out and "remaining" in out and "target" in out
