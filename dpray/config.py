@@ -111,7 +111,9 @@ class TrainConfig(Section):
         ge=0,
         description="sigma; solved from the budget when unset. 0 disables noise (no DP).",
     )
-    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch"] = Field(
+        "hooks", description="Opacus per-sample gradients (ghost clipping does not pay for LoRA)."
+    )
     num_workers: int = Field(1, ge=1)
     noise: Literal["auto", "central", "secure"] = Field(
         "auto", description="auto: secure with more than one worker, central otherwise."
@@ -121,6 +123,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
     use_gpu: bool = False
+    fail_at_step: int | None = Field(
+        None, ge=0, description="Testing only: the last worker raises once at this step."
+    )
     template: str = Field(
         "", description="Fixed text before every instruction; generation starts from it."
     )

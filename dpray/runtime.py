@@ -38,10 +38,13 @@ def configure_caches(run_dir: RunDir) -> None:
 
 
 def ray_temp_dir(config: DprayConfig, run_dir: RunDir) -> Path:
-    """Where a local Ray keeps its session: config, else ``RUN_DIR/.ray`` if short enough."""
+    """Where a local Ray keeps its session: config, else ``RUN_DIR/private/.ray`` if short enough.
+
+    Inside ``private/`` because worker logs land there.
+    """
     if config.ray.temp_dir:
         return Path(config.ray.temp_dir).expanduser().resolve()
-    candidate = run_dir.root / ".ray"
+    candidate = run_dir.private_root / ".ray"
     if len(str(candidate)) <= MAX_RAY_TEMP_LEN:
         return candidate
     digest = hashlib.sha256(str(run_dir.root).encode()).hexdigest()[:10]

@@ -59,8 +59,10 @@ def _rdp_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
     return float(eps)
 
 
-def _pld_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+def _pld_epsilon(
+    events: Sequence[PrivacyEvent], delta: float, interval: float = PLD_DISCRETIZATION
+) -> float:
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
     for event in events:
         accountant.compose(event.dp_event())
     return float(accountant.get_epsilon(delta))
@@ -166,7 +168,13 @@ class Ledger:
     def accounting(
         self, events: Sequence[PrivacyEvent] | None = None, fast: bool = False
     ) -> Accounting:
-        return compose(self.events if events is None else events, self.target_delta, fast)
+        """Composed cost.  ``fast``: RDP's figure when it is within the target, else exact."""
+        events = self.events if events is None else events
+        if fast:
+            quick = compose(events, self.target_delta, fast=True)
+            if quick.epsilon <= self.target_epsilon + EPS_TOLERANCE:
+                return quick
+        return compose(events, self.target_delta)
 
     @property
     def spent_epsilon(self) -> float:

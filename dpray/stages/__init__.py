@@ -1,6 +1,6 @@
 """The stages, in pipeline order.  Importing this package registers every stage."""
 
-from dpray.stages import ingest  # noqa: F401  (registers)
+from dpray.stages import ingest, train_generator  # noqa: F401  (registers)
 from dpray.stages.base import STAGES, Stage, StageResult
 
 STAGE_ORDER = [

@@ -1,0 +1,107 @@
+"""Training examples for the generator, Poisson sampling, and micro-batch packing.
+
+The generator learns to write an instruction *from nothing*: every example is
+``prompt + instruction + EOS`` where ``prompt`` is the fixed generator prompt (BOS, or EOS when
+the tokenizer has no BOS, then the configured template).  The loss covers only the instruction
+and EOS.  The sampling stage starts generation from exactly the same prompt.
+
+Sampling is true Poisson sampling: at every step each privacy unit (a record, or a user with all
+their records) joins independently with probability q.  Each worker samples its own disjoint
+shard, so the union is a Poisson sample of the whole set.  The randomness comes from a secret
+seed (never logged; kept under ``private/``), so the realised batch stays private.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+def generator_prompt_ids(tokenizer, template: str = "") -> list[int]:
+    """Token ids every generation starts from (shared with the sampling stage)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [int(start)] if start is not None else []
+    if template:
+        ids += tokenizer.encode(template, add_special_tokens=False)
+    if not ids:
+        raise ValueError("tokenizer has neither BOS nor EOS and template is empty")
+    return ids
+
+
+def tokenize_instructions(
+    texts: list[str], tokenizer, max_tokens: int, template: str = ""
+) -> list[np.ndarray]:
+    """``prompt + text + EOS`` token ids per text, truncated to ``max_tokens`` (int32 arrays)."""
+    prompt = generator_prompt_ids(tokenizer, template)
+    room = max_tokens - len(prompt) - 1
+    if room < 1:
+        raise ValueError(f"train.max_tokens={max_tokens} leaves no room after the prompt")
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = int(tokenizer.eos_token_id)
+    return [np.asarray(prompt + ids[:room] + [eos], dtype=np.int32) for ids in encoded]
+
+
+@dataclass
+class Batch:
+    """A padded micro-batch; ``units`` maps each row to its privacy unit within the batch."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    units: torch.Tensor  # (rows,) index of the privacy unit of each row, 0..num_units-1
+    num_units: int
+    num_tokens: int
+
+
+def collate(sequences: list[np.ndarray], units: list[int], prompt_len: int, pad_id: int) -> Batch:
+    """Right-pad sequences; labels ignore the prompt and the padding."""
+    longest = max(len(s) for s in sequences)
+    rows = len(sequences)
+    input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, longest), dtype=torch.long)
+    labels = torch.full((rows, longest), IGNORE, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        t = torch.from_numpy(seq.astype(np.int64))
+        input_ids[row, : len(t)] = t
+        attention[row, : len(t)] = 1
+        labels[row, prompt_len : len(t)] = t[prompt_len:]
+    remap = {u: i for i, u in enumerate(dict.fromkeys(units))}
+    unit_idx = torch.tensor([remap[u] for u in units], dtype=torch.long)
+    num_tokens = int((labels != IGNORE).sum())
+    return Batch(input_ids, attention, labels, unit_idx, len(remap), num_tokens)
+
+
+def poisson_sample(num_units: int, rate: float, seed: int, step: int, rank: int) -> np.ndarray:
+    """Indices of the units of one shard that join this step (each independently with ``rate``)."""
+    rng = np.random.default_rng([seed, step, rank])
+    return np.flatnonzero(rng.random(num_units) < rate)
+
+
+def pack_micro_batches(unit_sizes: list[int], max_rows: int) -> list[list[int]]:
+    """Group units into micro-batches of at most ``max_rows`` rows, never splitting a unit.
+
+    A user's records must share a micro-batch so their gradients can be summed before clipping.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for unit, size in enumerate(unit_sizes):
+        if size > max_rows:
+            raise ValueError(f"a unit has {size} records > micro_batch_size {max_rows}")
+        if rows + size > max_rows and current:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(unit)
+        rows += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def shard_units(num_units: int, rank: int, world_size: int) -> np.ndarray:
+    """The disjoint shard of unit indices held by ``rank``."""
+    return np.arange(rank, num_units, world_size)

@@ -1,0 +1,150 @@
+"""The two noise schemes for the clipped gradient sum across Ray Train workers.
+
+``central`` (baseline; Opacus' DDP semantics): rank 0 alone adds N(0, σ²C²) to its sum, then one
+float all-reduce.  Rank 0 (and the all-reduce) see un-noised partial sums of the others.
+
+``secure`` (default with more than one worker): each worker rotates, scales and stochastically
+rounds its sum, adds an integer Skellam noise share, reduces mod 2^b and adds pairwise masks from
+X25519-agreed seeds; an int64 all-reduce reveals only the noisy total.  No single worker holds
+the full noise or sees another worker's un-noised sum.  See
+:mod:`dpray.privacy.secure_agg.aggregator` for the threat model: honest-but-curious workers; a
+coalition of W - t workers learns the honest workers' sum only with at least the full noise on it;
+masks do not tolerate dropouts, so a lost worker aborts the step (Ray Train then restarts from
+the last checkpoint, and the step counter keeps counting).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dpray.privacy.secure_agg.aggregator import (
+    SecureAggConfig,
+    all_reduce_int64,
+    decode,
+    encode,
+    exchange_public_keys,
+    pairwise_seeds,
+    private_generator,
+)
+from dpray.privacy.secure_agg.masks import generate_keypair
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CentralAggregator:
+    """Rank 0 adds the Gaussian noise; a float all-reduce sums the workers."""
+
+    name = "central"
+
+    def __init__(self, noise_multiplier: float, clip_norm: float) -> None:
+        self.std = noise_multiplier * clip_norm
+        self.rank, self.world = _world()
+        self.generator = private_generator()
+
+    def __call__(self, local_sum: torch.Tensor, step: int) -> torch.Tensor:
+        total = local_sum.detach().to(torch.float32).clone()
+        if self.rank == 0 and self.std > 0:
+            noise = torch.randn(total.shape, generator=self.generator, dtype=torch.float32)
+            total += noise.to(total.device) * self.std
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+class SecureAggregator:
+    """Skellam shares + pairwise masks + integer all-reduce (see module docstring)."""
+
+    name = "secure"
+
+    def __init__(
+        self,
+        dim: int,
+        noise_multiplier: float,
+        clip_norm: float,
+        max_units_per_worker: int,
+        bits: int = 40,
+        min_honest_workers: int | None = None,
+        session: bytes = b"",
+    ) -> None:
+        self.rank, self.world = _world()
+        self.cfg = SecureAggConfig.create(
+            dim=dim,
+            num_workers=self.world,
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            max_norm=clip_norm * max(1, max_units_per_worker),
+            bits=bits,
+            min_honest_workers=min_honest_workers,
+            rotation_seed=int.from_bytes(session[:7], "little"),
+        )
+        self.generator = private_generator()
+        private_key, public_key = generate_keypair()
+        publics = exchange_public_keys(public_key) if self.world > 1 else [public_key]
+        self.seeds = pairwise_seeds(self.rank, private_key, publics, b"dpray-train|" + session)
+
+    def __call__(self, local_sum: torch.Tensor, step: int) -> torch.Tensor:
+        payload = encode(local_sum, self.cfg, self.rank, step, self.seeds, self.generator)
+        device = local_sum.device
+        if self.world > 1:
+            payload = payload.to(device)
+            all_reduce_int64(payload, self.cfg.bits)
+        return decode(payload, self.cfg).to(device=device, dtype=torch.float32)
+
+
+def make_aggregator(
+    scheme: str,
+    *,
+    dim: int,
+    noise_multiplier: float,
+    clip_norm: float,
+    max_units_per_worker: int,
+    bits: int = 40,
+    min_honest_workers: int | None = None,
+    session: bytes = b"",
+):
+    """Dispatch on ``train.noise``; raises ``ValueError`` for an unknown scheme."""
+    if scheme == "central":
+        return CentralAggregator(noise_multiplier, clip_norm)
+    if scheme == "secure":
+        return SecureAggregator(
+            dim,
+            noise_multiplier,
+            clip_norm,
+            max_units_per_worker,
+            bits=bits,
+            min_honest_workers=min_honest_workers,
+            session=session,
+        )
+    raise ValueError(f"unknown noise scheme '{scheme}' (central, secure)")
+
+
+def resolve_scheme(requested: str, num_workers: int) -> str:
+    """``auto`` → secure with more than one worker, central with one."""
+    if requested == "auto":
+        return "secure" if num_workers > 1 else "central"
+    return requested
+
+
+def secure_event_fields(agg: SecureAggregator) -> dict:
+    """The public parameters the ledger records for a Skellam event."""
+    cfg = agg.cfg
+    return {
+        "scale": float(cfg.scale),
+        "bits": int(cfg.bits),
+        "dim": int(cfg.padded_dim),
+        "min_honest_workers": int(cfg.min_honest_workers),
+    }
+
+
+__all__ = [
+    "CentralAggregator",
+    "SecureAggregator",
+    "make_aggregator",
+    "resolve_scheme",
+    "secure_event_fields",
+]

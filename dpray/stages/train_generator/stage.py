@@ -1,0 +1,344 @@
+"""``dpray train-generator``: DP fine-tuning (LoRA + DP-SGD) of the instruction generator.
+
+Reads ``private/ingest/instructions.parquet``; writes the PEFT adapter to
+``RUN_DIR/generator/adapter`` (DP output: public), ``generator/generator.json`` (how to sample
+from it), ``generator/metrics.jsonl`` (step, epsilon, step time), private metrics (loss, batch
+sizes: not DP) and Ray Train checkpoints under ``private/train/``, and the spend to the ledger.
+
+Calibration: σ is the smallest noise multiplier for which the ledger's composition of everything
+already spent plus this run (planned steps + headroom for steps that restarts may repeat) stays
+within ``privacy.train_share`` of the target epsilon; the filter stage gets the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from dpray.config import ConfigError, DprayConfig
+from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
+from dpray.privacy.ledger import BudgetExceededError, Ledger
+from dpray.rundir import RunDir, write_json
+from dpray.stages.base import Stage, StageResult, register
+from dpray.stages.train_generator.data import generator_prompt_ids, tokenize_instructions
+from dpray.stages.train_generator.noise import resolve_scheme
+from dpray.stages.train_generator.worker import (
+    WEIGHTS_FILE,
+    build_lora_model,
+    event_for,
+    train_loop_per_worker,
+)
+
+log = logging.getLogger(__name__)
+STAGE_NAME = "train-generator"
+
+
+@dataclass
+class Units:
+    """Privacy units: each a list of record indices (one record, or one user's records)."""
+
+    members: list[list[int]]
+    texts: list[str]
+
+
+def load_units(run_dir: RunDir, unit: str) -> Units:
+    table = pq.read_table(run_dir.private("ingest") / "instructions.parquet")
+    texts = table.column("text").to_pylist()
+    if unit == "user":
+        groups: dict[str, list[int]] = {}
+        for index, user in enumerate(table.column("user_id").to_pylist()):
+            groups.setdefault(user, []).append(index)
+        return Units(list(groups.values()), texts)
+    return Units([[i] for i in range(len(texts))], texts)
+
+
+def secure_fields_for(plan: dict, dim: int, num_units: int) -> dict | None:
+    """The Skellam event fields the workers will use (same formula, computed here first)."""
+    if plan["noise"] != "secure":
+        return None
+    from dpray.privacy.secure_agg.aggregator import SecureAggConfig
+
+    world = plan["num_workers"]
+    cfg = SecureAggConfig.create(
+        dim=dim,
+        num_workers=world,
+        noise_multiplier=plan["noise_multiplier"],
+        clip_norm=plan["clip_norm"],
+        max_norm=plan["clip_norm"] * max(1, math.ceil(num_units / world)),
+        bits=plan["secure_bits"],
+        min_honest_workers=plan["min_honest_workers"],
+    )
+    return {
+        "scale": float(cfg.scale),
+        "bits": int(cfg.bits),
+        "dim": int(cfg.padded_dim),
+        "min_honest_workers": int(cfg.min_honest_workers),
+    }
+
+
+def calibrate(plan: dict, ledger: Ledger, share: float, dim: int, num_units: int) -> float:
+    """Smallest σ keeping everything spent plus this run within ``share`` of the target."""
+    target = share * ledger.target_epsilon
+    planned = plan["planned_steps"]
+
+    def make_event(sigma: float):
+        trial = {**plan, "noise_multiplier": sigma}
+        return event_for(trial, planned, secure_fields_for(trial, dim, num_units))
+
+    try:
+        return solve_noise_multiplier(make_event, target, ledger.target_delta, ledger.events)
+    except CalibrationError as exc:
+        raise BudgetExceededError(f"{STAGE_NAME}: {exc}") from None
+
+
+def _cpus_per_worker(num_workers: int) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus // num_workers)
+
+
+def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
+    """Train the generator with DP-SGD on Ray Train; see the module docstring."""
+    return train_generator(config, run_dir, ledger_required=True)
+
+
+def train_generator(
+    config: DprayConfig,
+    run_dir: RunDir,
+    ledger_required: bool = True,
+    out_dir: Path | None = None,
+) -> StageResult:
+    """The stage body.  ``ledger_required=False`` is for audits' non-DP control runs only."""
+    from transformers import AutoTokenizer
+
+    from dpray.models import resolve_causal_lm
+
+    tc = config.train
+    units = load_units(run_dir, config.privacy.unit)
+    n = len(units.members)
+    biggest = max(len(m) for m in units.members)
+    if biggest > tc.micro_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size ({tc.micro_batch_size}) must be >= the records of one "
+            f"user ({biggest}); raise it or lower privacy.max_records_per_user"
+        )
+    q = min(1.0, tc.expected_batch_size / n)
+    steps = tc.steps or max(1, math.ceil(tc.epochs / q))
+    scheme = resolve_scheme(tc.noise, tc.num_workers)
+    model_path = resolve_causal_lm(tc.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    prompt = generator_prompt_ids(tokenizer, tc.template)
+    seqs = tokenize_instructions(units.texts, tokenizer, tc.max_tokens, tc.template)
+    grouped = [[seqs[i] for i in members] for members in units.members]
+
+    private = run_dir.private("train")
+    public = run_dir.public("generator") if out_dir is None else out_dir
+    run_id = secrets.token_hex(8)
+    plan = {
+        "run_id": run_id,
+        "model_path": str(model_path),
+        "init_seed": config.seed,
+        "seed": secrets.randbits(63),  # Poisson sampling: secret, never logged
+        "session": secrets.token_hex(16),
+        "lora_r": tc.lora_r,
+        "lora_alpha": tc.lora_alpha,
+        "lora_dropout": tc.lora_dropout,
+        "lora_targets": list(tc.lora_targets),
+        "learning_rate": tc.learning_rate,
+        "weight_decay": tc.weight_decay,
+        "clip_norm": tc.clip_norm,
+        "sampling_rate": q,
+        "expected_batch_size": q * n,
+        "steps": steps,
+        "planned_steps": steps + tc.max_failures * tc.checkpoint_every,
+        "micro_batch_size": tc.micro_batch_size,
+        "grad_sample_mode": tc.grad_sample_mode,
+        "noise": scheme,
+        "num_workers": tc.num_workers,
+        "min_honest_workers": tc.min_honest_workers,
+        "secure_bits": tc.secure_bits,
+        "checkpoint_every": tc.checkpoint_every,
+        "prompt_len": len(prompt),
+        "pad_id": int(tokenizer.pad_token_id or tokenizer.eos_token_id),
+        "private_dir": str(private),
+        "public_metrics": str(public / "metrics.jsonl"),
+        "private_metrics": str(private / "metrics.jsonl"),
+        "fail_at_step": tc.fail_at_step,
+        "ledger_path": str(run_dir.ledger_path) if ledger_required else None,
+    }
+    model, lora_config = build_lora_model(str(model_path), plan)
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    if ledger_required:
+        ledger = Ledger.load(run_dir.ledger_path)
+        if tc.noise_multiplier is None:
+            plan["noise_multiplier"] = calibrate(plan, ledger, config.privacy.train_share, dim, n)
+        else:
+            plan["noise_multiplier"] = tc.noise_multiplier
+        planned = event_for(plan, plan["planned_steps"], secure_fields_for(plan, dim, n))
+        ledger.check(planned)  # the whole run, restarts' headroom included, must fit
+    else:
+        plan["noise_multiplier"] = tc.noise_multiplier or 0.0
+
+    for path in (public / "metrics.jsonl", private / "metrics.jsonl"):
+        path.unlink(missing_ok=True)
+    (private / "injected_fault.done").unlink(missing_ok=True)
+    log.info(
+        "%s: %d units, q=%.4g, %d steps, sigma=%.4g, C=%g, %s noise, %d worker(s)",
+        STAGE_NAME,
+        n,
+        q,
+        steps,
+        plan["noise_multiplier"],
+        tc.clip_norm,
+        scheme,
+        tc.num_workers,
+    )
+    checkpoint_dir = _fit(plan, grouped, tc, private)
+
+    adapter_dir = public / "adapter"
+    _save_adapter(model, checkpoint_dir, adapter_dir)
+    changed = _verify_adapter(str(model_path), adapter_dir, model)
+    summary = {
+        "units": n,
+        "sampling_rate": q,
+        "steps": steps,
+        "noise_multiplier": plan["noise_multiplier"],
+        "clip_norm": tc.clip_norm,
+        "noise": scheme,
+        "num_workers": tc.num_workers,
+        "trainable_parameters": dim,
+        "lora_tensors_changed": changed,
+    }
+    if ledger_required:
+        ledger = Ledger.load(run_dir.ledger_path)
+        executed = ledger.run_event(STAGE_NAME, run_id)
+        final = ledger.record_progress(executed, exact=True)  # exact (PLD) figure at the end
+        summary.update({"executed_steps": executed.steps, "epsilon_total": final})
+    meta = {
+        "base_model": tc.model,
+        "template": tc.template,
+        "prompt_ids": prompt,
+        "max_tokens": tc.max_tokens,
+        "lora": {
+            "r": lora_config.r,
+            "alpha": lora_config.lora_alpha,
+            "targets": sorted(lora_config.target_modules),
+        },
+        "adapter_sha256": _dir_hash(adapter_dir),
+        **summary,
+    }
+    write_json(public / "generator.json", meta)
+    return StageResult(
+        outputs={"adapter": str(adapter_dir), "generator": str(public / "generator.json")},
+        summary=summary,
+    )
+
+
+def _fit(plan: dict, grouped: list, tc, private: Path) -> Path:
+    """Run the TorchTrainer; return the final checkpoint's directory."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    plan = dict(plan)
+    plan["data_ref"] = ray.put(grouped)
+    cpus = _cpus_per_worker(tc.num_workers)
+    plan["threads_per_worker"] = cpus
+    storage = private / "ray_results"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": cpus},
+        ),
+        run_config=RunConfig(
+            name=f"train-{plan['run_id']}",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{STAGE_NAME}: training produced no checkpoint")
+    final = private / "final_checkpoint"
+    shutil.rmtree(final, ignore_errors=True)
+    result.checkpoint.to_directory(str(final))
+    return final
+
+
+def _save_adapter(model, checkpoint_dir: Path, adapter_dir: Path) -> None:
+    state = torch.load(checkpoint_dir / WEIGHTS_FILE)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            named[name].copy_(value)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    model.save_pretrained(str(adapter_dir))
+
+
+def _verify_adapter(model_path: str, adapter_dir: Path, trained) -> int:
+    """Reload the adapter; check weights round-trip and moved away from init; return #changed.
+
+    (Opacus has silently corrupted LoRA weights with some peft versions: check, don't trust.)
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    trained_state = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    reloaded_state = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    if set(trained_state) != set(reloaded_state):
+        raise RuntimeError(f"{STAGE_NAME}: adapter reload has different LoRA tensors")
+    changed = 0
+    for name, value in trained_state.items():
+        if not torch.allclose(value, reloaded_state[name]):
+            raise RuntimeError(f"{STAGE_NAME}: adapter tensor {name} did not round-trip")
+        if "lora_B" in name and bool(value.abs().sum() > 0):
+            changed += 1  # LoRA B starts at zero: non-zero means training moved it
+    if changed == 0:
+        raise RuntimeError(f"{STAGE_NAME}: no LoRA weight changed during training")
+    return changed
+
+
+def _dir_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(item.name.encode())
+        digest.update(item.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _ingest_output(config: DprayConfig, run_dir: RunDir) -> list[Path]:
+    return [run_dir.private_root / "ingest" / "instructions.parquet"]
+
+
+STAGE = register(
+    Stage(
+        name=STAGE_NAME,
+        run=run,
+        help="DP fine-tune the instruction generator (LoRA, DP-SGD, Ray Train).",
+        reads="private/ingest/instructions.parquet, ledger.json",
+        writes="generator/adapter (PEFT, DP), generator/generator.json, generator/metrics.jsonl, "
+        "private/train/ (checkpoints, non-DP metrics), ledger.json (+ training event)",
+        sections=("train", "privacy", "seed"),
+        inputs=_ingest_output,
+        needs_ray=True,
+    )
+)
+
+__all__ = ["run", "train_generator", "load_units", "calibrate"]

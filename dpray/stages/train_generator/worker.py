@@ -1,0 +1,213 @@
+"""The per-worker DP-SGD loop run by Ray Train (``TorchTrainer``), one process per worker.
+
+Every worker builds the same LoRA model (same init seed), holds a disjoint shard of the privacy
+units, Poisson-samples its shard each step, computes its clipped gradient sum, and joins the
+aggregation (central or secure); all workers receive the same noisy sum, so the replicas stay
+identical without DDP.  Rank 0 records every executed step in the ledger right after the noisy
+sum is revealed (so a step lost to a crash still counts), writes metrics, and checkpoints every
+``checkpoint_every`` steps through ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpray.privacy.events import PoissonSubsampledGaussianEvent, PoissonSubsampledSkellamEvent
+from dpray.privacy.ledger import Ledger
+from dpray.stages.train_generator.data import (
+    collate,
+    pack_micro_batches,
+    poisson_sample,
+    shard_units,
+)
+from dpray.stages.train_generator.dp_sgd import (
+    apply_update,
+    clipped_sum,
+    trainable_parameters,
+    wrap_for_per_sample_grads,
+)
+from dpray.stages.train_generator.noise import make_aggregator, secure_event_fields
+
+log = logging.getLogger("dpray.train")
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "trainable.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by the fault-injection test hook (train.fail_at_step)."""
+
+
+def build_lora_model(model_path: str, plan: dict):
+    """Base model + fresh LoRA adapter, initialised from ``plan['init_seed']`` (same on all ranks)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(plan["init_seed"])
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, torch_dtype=torch.float32, local_files_only=True
+    )
+    lora = LoraConfig(
+        r=plan["lora_r"],
+        lora_alpha=plan["lora_alpha"],
+        lora_dropout=plan["lora_dropout"],
+        target_modules=plan["lora_targets"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora), lora
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def event_for(plan: dict, steps: int, secure_fields: dict | None):
+    common = {
+        "noise_multiplier": plan["noise_multiplier"],
+        "sampling_rate": plan["sampling_rate"],
+        "steps": steps,
+        "run_id": plan["run_id"],
+    }
+    if secure_fields is None:
+        return PoissonSubsampledGaussianEvent("train-generator", **common)
+    return PoissonSubsampledSkellamEvent(
+        "train-generator", clip_norm=plan["clip_norm"], **common, **secure_fields
+    )
+
+
+def train_loop_per_worker(plan: dict) -> None:
+    """Entry point for ``TorchTrainer``; ``plan`` is built by the stage driver."""
+    import ray
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(plan["threads_per_worker"])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    units: list[list[np.ndarray]] = ray.get(plan["data_ref"])
+    shard = shard_units(len(units), rank, world)
+    model, _ = build_lora_model(plan["model_path"], plan)
+    model.train()
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(
+        params, lr=plan["learning_rate"], weight_decay=plan["weight_decay"]
+    )
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            state = torch.load(folder / WEIGHTS_FILE)
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in state.items():
+                    named[name].copy_(value)
+            optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE))
+            start = json.loads((folder / STATE_FILE).read_text())["step"]
+        log.info("rank %d: resumed from checkpoint at step %d", rank, start)
+
+    gsm = wrap_for_per_sample_grads(model, plan["grad_sample_mode"])
+    max_units = int(np.ceil(len(units) / world))
+    aggregator = make_aggregator(
+        plan["noise"],
+        dim=sum(p.numel() for p in params),
+        noise_multiplier=plan["noise_multiplier"],
+        clip_norm=plan["clip_norm"],
+        max_units_per_worker=max_units,
+        bits=plan["secure_bits"],
+        min_honest_workers=plan["min_honest_workers"],
+        session=bytes.fromhex(plan["session"]),
+    )
+    secure_fields = secure_event_fields(aggregator) if plan["noise"] == "secure" else None
+
+    ledger = executed = None
+    if rank == 0 and plan["ledger_path"]:
+        ledger = Ledger.load(plan["ledger_path"])
+        previous = ledger.run_event("train-generator", plan["run_id"])
+        executed = previous.steps if previous is not None else 0
+    total_steps = plan["steps"]
+    log_every = max(1, total_steps // 20)
+    for step in range(start, total_steps):
+        tick = time.perf_counter()
+        _maybe_fail(plan, step, rank, world)
+        sampled = shard[poisson_sample(len(shard), plan["sampling_rate"], plan["seed"], step, rank)]
+        groups = pack_micro_batches([len(units[u]) for u in sampled], plan["micro_batch_size"])
+        batches = []
+        for group in groups:
+            seqs, owners = [], []
+            for local in group:
+                unit = int(sampled[local])
+                seqs.extend(units[unit])
+                owners.extend([unit] * len(units[unit]))
+            batches.append(collate(seqs, owners, plan["prompt_len"], plan["pad_id"]))
+        local = clipped_sum(gsm, params, batches, plan["clip_norm"])
+        noisy = aggregator(local.vector, step)
+        epsilon = None
+        if ledger is not None:
+            executed += 1  # the noisy sum exists now: this step is spent
+            epsilon = ledger.record_progress(event_for(plan, executed, secure_fields))
+        apply_update(optimizer, params, noisy, plan["expected_batch_size"])
+        seconds = time.perf_counter() - tick
+        metrics = {"step": step + 1, "step_seconds": seconds, "epsilon": epsilon}
+        if rank == 0:
+            _write_metrics(plan, metrics, local, seconds)
+            if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                log.info(
+                    "train-generator: step %d/%d  epsilon<=%.3f  %.2f s/step",
+                    step + 1,
+                    total_steps,
+                    epsilon or 0.0,
+                    seconds,
+                )
+        _report(metrics, model, optimizer, step + 1, plan, rank)
+
+
+def _maybe_fail(plan: dict, step: int, rank: int, world: int) -> None:
+    """Test hook: raise once at ``fail_at_step`` on the last rank (a marker makes it once)."""
+    if plan.get("fail_at_step") is None or step != plan["fail_at_step"] or rank != world - 1:
+        return
+    marker = Path(plan["private_dir"]) / "injected_fault.done"
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    raise InjectedFault(f"injected fault at step {step} on rank {rank}")
+
+
+def _write_metrics(plan: dict, metrics: dict, local, seconds: float) -> None:
+    """Public metrics (step, epsilon, time) and private ones (loss, tokens: not DP)."""
+    with open(plan["public_metrics"], "a") as handle:
+        handle.write(json.dumps(metrics) + "\n")
+    private = {
+        **metrics,
+        "loss_rank0": local.loss_sum / max(local.examples, 1),
+        "examples_rank0": local.examples,
+        "tokens_per_second_rank0": local.tokens / max(seconds, 1e-9),
+        "clipped_fraction_rank0": local.clipped_units / max(local.units, 1),
+    }
+    with open(plan["private_metrics"], "a") as handle:
+        handle.write(json.dumps(private) + "\n")
+
+
+def _report(metrics: dict, model, optimizer, step: int, plan: dict, rank: int) -> None:
+    import tempfile
+
+    import ray.train
+
+    is_checkpoint = step % plan["checkpoint_every"] == 0 or step == plan["steps"]
+    if not is_checkpoint or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(dir=plan["private_dir"]) as tmp:
+        folder = Path(tmp)
+        torch.save(trainable_state(model), folder / WEIGHTS_FILE)
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        (folder / STATE_FILE).write_text(json.dumps({"step": step}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
