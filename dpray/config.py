@@ -47,6 +47,13 @@ class DataConfig(Section):
         "auto", description="Input format; auto picks by file extension."
     )
     dedupe: bool = Field(True, description="Drop exact and normalised-whitespace/case duplicates.")
+    heldout_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of privacy units held out of training and filtering, for (non-private) "
+        "evaluation only: private/ingest/heldout.parquet.",
+    )
 
 
 class PrivacyConfig(Section):
@@ -138,6 +145,57 @@ class TrainConfig(Section):
         return value
 
 
+class SampleConfig(Section):
+    """Mass sampling of synthetic instructions from the DP generator (post-processing: free)."""
+
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="auto: vLLM when a GPU and vllm are present, else batched transformers."
+    )
+    num_samples: int = Field(1000, ge=1, description="Unique synthetic instructions to produce.")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    max_new_tokens: int = Field(64, ge=1)
+    min_chars: int = Field(8, ge=1, description="Shorter cleaned samples are dropped.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generate call (hf backend).")
+    shard_size: int = Field(256, ge=1, description="Samples per output Parquet shard.")
+    oversample: float = Field(1.2, ge=1, description="Draw this many times N per round.")
+    max_rounds: int = Field(5, ge=1, description="Rounds of top-up sampling to reach N unique.")
+    num_actors: int | None = Field(None, ge=1, description="Sampling actors (default: by cores).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per actor.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    seed: int = Field(0, description="Sampling seed (with the shard plan, makes runs repeatable).")
+
+
+class EmbedConfig(Section):
+    """Sentence embeddings of real (private) and synthetic (public) instructions."""
+
+    model: str = Field("packaged:all-minilm-l6-v2", description="sentence-transformers model.")
+    batch_size: int = Field(64, ge=1)
+    num_actors: int | None = Field(None, ge=1, description="Embedding actors (default: by cores).")
+    use_gpu: bool = False
+
+
+class FilterConfig(Section):
+    """DP filtering: match the synthetic distribution to a noisy histogram of the real one."""
+
+    method: Literal["cluster", "nn_vote"] = "cluster"
+    num_clusters: int | None = Field(
+        None, ge=2, description="K; default 1000 at scale, fewer when data are small."
+    )
+    pca_variance: float = Field(0.9, gt=0, le=1, description="PCA keeps this share of variance.")
+    sigma: float | None = Field(
+        None, ge=0, description="Histogram noise std; solved from the remaining budget when unset."
+    )
+    target_size: int = Field(500, ge=1, description="Filtered synthetic set size.")
+    with_replacement: bool = Field(False, description="Sample with replacement when short.")
+    nn_k: int = Field(
+        1, ge=1, description="nn_vote: nearest candidates each real record votes for."
+    )
+    nn_threshold: float = Field(0.0, ge=0, description="nn_vote: noisy votes below are dropped.")
+    seed: int = 0
+
+
 class DprayConfig(Section):
     """The whole run: one section per stage plus run-wide settings."""
 
@@ -147,6 +205,9 @@ class DprayConfig(Section):
     privacy: PrivacyConfig
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
 
     @model_validator(mode="after")
     def _user_unit_needs_user_field(self) -> DprayConfig:

@@ -248,3 +248,22 @@ def test_real_shared_data(tmp_path):
     assert summary["rows_out"] + sum(summary["dropped"].values()) == summary["rows_in"]
     assert summary["rows_out"] > 1000
     assert Counter(summary["dropped"]).keys() <= {"duplicate_text", "too_long"}
+
+
+def test_heldout_split_by_unit(tmp_path):
+    records = [{"id": str(i), "user": f"u{i % 40}", "text": f"q{i}"} for i in range(400)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tree = user_tree(tmp_path, path)
+    tree["privacy"]["max_records_per_user"] = 20
+    tree["data"]["heldout_fraction"] = 0.25
+    config = config_from_tree(tree)
+    run_dir = RunDir(config.run_dir)
+    summary = ingest.run(config, run_dir).summary
+    train = pq.read_table(run_dir.private("ingest") / "instructions.parquet").to_pylist()
+    held = pq.read_table(run_dir.private("ingest") / "heldout.parquet").to_pylist()
+    assert summary["training_rows"] == len(train) and summary["heldout_rows"] == len(held)
+    assert len(train) + len(held) == 400
+    assert {r["user_id"] for r in train}.isdisjoint({r["user_id"] for r in held})
+    assert 0.1 < len(held) / 400 < 0.4
+    assert summary["units"] == len({r["user_id"] for r in train})

@@ -1,6 +1,7 @@
 """Ingest: read the private instructions, validate every record, dedupe, cap per user.
 
-Reads ``data.path``; writes ``RUN_DIR/private/ingest/instructions.parquet`` (id, text, user_id),
+Reads ``data.path``; writes ``RUN_DIR/private/ingest/instructions.parquet`` (id, text, user_id) and, with
+``data.heldout_fraction``, ``private/ingest/heldout.parquet`` (evaluation only, never trained on),
 the public counts-only report ``RUN_DIR/ingest/report.json``, the private list of problem
 locations ``RUN_DIR/private/ingest/problems.jsonl``, and opens the privacy ledger with the target
 (epsilon, delta) where delta defaults to 1/(n ln n) for the n privacy units kept.
@@ -203,27 +204,24 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     dropped = sum(collector.drops.values())
     if len(records) != collector.rows_in - dropped:  # the "nothing valid is lost" invariant
         raise AssertionError("ingest lost records without counting them")
+    records, heldout = _split_heldout(records, config.data.heldout_fraction, config.seed)
     units = len({r["user_id"] for r in records}) if user_level else len(records)
     if units < 3:
         raise IngestError(f"{config.data.path}: only {units} valid privacy units remain")
-
     private = run_dir.private("ingest")
     out_path = private / "instructions.parquet"
-    table = pa.table(
-        {
-            "id": [r["id"] for r in records],
-            "text": [r["text"] for r in records],
-            "user_id": [r["user_id"] for r in records],
-        }
-    )
-    pq.write_table(table, out_path)
+    pq.write_table(_table(records), out_path)
+    heldout_path = private / "heldout.parquet"
+    pq.write_table(_table(heldout), heldout_path)
     _write_problems(private / "problems.jsonl", collector.problems)
 
     delta = config.privacy.resolve_delta(units)
     ledger = Ledger.create(run_dir.ledger_path, config.privacy.unit, config.privacy.epsilon, delta)
     report = {
         "rows_in": collector.rows_in,
-        "rows_out": len(records),
+        "rows_out": len(records) + len(heldout),
+        "training_rows": len(records),
+        "heldout_rows": len(heldout),
         "dropped": dict(sorted(collector.drops.items())),
         "privacy_unit": config.privacy.unit,
         "units": units,
@@ -232,8 +230,40 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     report_path = write_json(run_dir.public("ingest") / "report.json", report)
     _log_summary(collector, report)
     return StageResult(
-        outputs={"instructions": str(out_path), "report": str(report_path)}, summary=report
+        outputs={
+            "instructions": str(out_path),
+            "heldout": str(heldout_path),
+            "report": str(report_path),
+        },
+        summary=report,
     )
+
+
+def _table(records: list[dict]) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array([r["id"] for r in records], pa.string()),
+            "text": pa.array([r["text"] for r in records], pa.string()),
+            "user_id": pa.array([r["user_id"] for r in records], pa.string()),
+        }
+    )
+
+
+def _split_heldout(
+    records: list[dict], fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Hold out whole privacy units (users; or records) for evaluation, chosen per unit by hash.
+
+    The choice for a unit depends only on (seed, unit id), so it never depends on other units.
+    """
+    if fraction <= 0:
+        return records, []
+    keep, held = [], []
+    for record in records:
+        digest = hashlib.sha256(f"heldout:{seed}:{record['user_id']}".encode()).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2**64
+        (held if draw < fraction else keep).append(record)
+    return keep, held
 
 
 def _write_problems(path: Path, problems: list[dict]) -> None:
