@@ -342,3 +342,13 @@ def test_packaged_sentence_encoder() -> None:
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
     two = enc.encode(["one", "two"])
     assert two.shape == (2, 384)
+
+
+def test_tiny_spec_is_cached(tmp_path):
+    from dpray.models import ModelSpecError, resolve_causal_lm
+
+    first = resolve_causal_lm("tiny:hidden=32,seed=1", cache_dir=tmp_path)
+    assert (first / "config.json").exists()
+    assert resolve_causal_lm("tiny:hidden=32,seed=1", cache_dir=tmp_path) == first
+    with pytest.raises(ModelSpecError, match="bad tiny model option"):
+        resolve_causal_lm("tiny:width=3", cache_dir=tmp_path)

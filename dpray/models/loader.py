@@ -43,6 +43,7 @@ DEFAULT_GENERATOR = "packaged:smollm2"
 DEFAULT_ENCODER = "packaged:all-minilm-l6-v2"
 
 PACKAGED_PREFIX = "packaged:"
+TINY_PREFIX = "tiny:"
 PACKAGED_GENERATORS = ("smollm2",)
 PACKAGED_ENCODERS = ("all-minilm-l6-v2",)
 
@@ -409,6 +410,8 @@ def resolve_causal_lm(spec: str | None = None, cache_dir: str | Path | None = No
     ``~/.cache/dpray``), or a hub name that is already in the local HF cache.
     """
     spec = DEFAULT_GENERATOR if spec is None else str(spec)
+    if spec.startswith(TINY_PREFIX):
+        return tiny_causal_lm_cached(spec, cache_dir)
     if spec.startswith(PACKAGED_PREFIX):
         which = spec[len(PACKAGED_PREFIX) :].strip().lower()
         if which not in PACKAGED_GENERATORS:
@@ -440,6 +443,38 @@ def resolve_causal_lm(spec: str | None = None, cache_dir: str | Path | None = No
         if snap is not None and _is_hf_model_dir(snap):
             return snap
     raise _unresolvable(spec, "generator", _ACCEPTED_GENERATOR_FORMS)
+
+
+def tiny_causal_lm_cached(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """``tiny:`` or ``tiny:hidden=64,layers=2,heads=4,seed=0``: a cached tiny random Llama.
+
+    For CI-sized configs (jobs/smoke.yaml): real code paths, seconds instead of minutes.
+    """
+    options = {"hidden": 32, "layers": 2, "heads": 4, "seed": 0}
+    body = spec[len(TINY_PREFIX) :].strip()
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, _, value = item.partition("=")
+        if key not in options or not value.strip().isdigit():
+            raise ModelSpecError(f"bad tiny model option {item!r}; known: {sorted(options)}")
+        options[key] = int(value)
+    name = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+    out = _cache_root(cache_dir) / "models" / name
+    if _is_hf_model_dir(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.parent / f".{name}.lock"):
+        if not _is_hf_model_dir(out):
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}."))
+            make_tiny_causal_lm(
+                tmp / "m",
+                hidden_size=options["hidden"],
+                num_layers=options["layers"],
+                num_heads=options["heads"],
+                seed=options["seed"],
+            )
+            os.replace(tmp / "m", out)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def load_causal_lm(

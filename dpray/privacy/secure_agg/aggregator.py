@@ -68,6 +68,8 @@ __all__ = [
     "pairwise_seeds",
     "quantize_share",
     "encode",
+    "encode_with_offset",
+    "data_independent_offset",
     "decode",
     "simulate_round",
     "exchange_public_keys",
@@ -201,6 +203,51 @@ def quantize_share(
     return share
 
 
+def data_independent_offset(
+    cfg: SecureAggConfig,
+    rank: int,
+    step: int,
+    seeds_by_peer: dict[int, bytes],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The part of a payload that does not depend on the gradient: Skellam share + mask mod 2^b.
+
+    Computing it ahead (e.g. on a side thread during the backward pass) takes the noise
+    sampling -- most of the encode time -- off the step's critical path.  The result must be
+    used for exactly one payload (``step``), and kept as private as the noise itself.
+    """
+    if not 0 <= rank < cfg.num_workers:
+        raise ValueError(f"rank {rank} out of range for {cfg.num_workers} workers")
+    expected = set(range(cfg.num_workers)) - {rank}
+    if set(seeds_by_peer) != expected:
+        raise ValueError(f"seeds_by_peer must cover exactly the ranks {sorted(expected)}")
+    low = cfg.modulus - 1
+    lam = cfg.share_lambda
+    if lam > 0:
+        offset = skellam_noise((cfg.padded_dim,), lam, generator).bitwise_and_(low)
+    else:
+        offset = torch.zeros(cfg.padded_dim, dtype=torch.int64)
+    if seeds_by_peer:
+        offset.add_(worker_mask(rank, seeds_by_peer, step, cfg.padded_dim, cfg.bits))
+        offset.bitwise_and_(low)
+    return offset
+
+
+def encode_with_offset(
+    x: torch.Tensor,
+    cfg: SecureAggConfig,
+    offset: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Payload ``round(s·R x) + offset mod 2^b`` from a :func:`data_independent_offset`."""
+    if x.dim() != 1 or x.shape[0] != cfg.dim:
+        raise ValueError(f"expected a 1-D tensor of length {cfg.dim}, got {tuple(x.shape)}")
+    x = x.detach().to(device="cpu", dtype=torch.float64)
+    rotated = rotate(x, cfg.rotation_seed).mul_(cfg.scale)
+    payload = stochastic_round_(rotated, generator)
+    return payload.add_(offset).bitwise_and_(cfg.modulus - 1)
+
+
 def encode(
     x: torch.Tensor,
     cfg: SecureAggConfig,
@@ -215,17 +262,8 @@ def encode(
     must be unique per payload (see :mod:`~dpray.privacy.secure_agg.masks`).  Move the result to
     the collective's device before :func:`all_reduce_int64`.
     """
-    if not 0 <= rank < cfg.num_workers:
-        raise ValueError(f"rank {rank} out of range for {cfg.num_workers} workers")
-    expected = set(range(cfg.num_workers)) - {rank}
-    if set(seeds_by_peer) != expected:
-        raise ValueError(f"seeds_by_peer must cover exactly the ranks {sorted(expected)}")
-    low = cfg.modulus - 1
-    payload = quantize_share(x, cfg, generator).bitwise_and_(low)
-    if seeds_by_peer:
-        payload.add_(worker_mask(rank, seeds_by_peer, step, cfg.padded_dim, cfg.bits))
-        payload.bitwise_and_(low)
-    return payload
+    offset = data_independent_offset(cfg, rank, step, seeds_by_peer, generator)
+    return encode_with_offset(x, cfg, offset, generator)
 
 
 def decode(total: torch.Tensor, cfg: SecureAggConfig) -> torch.Tensor:

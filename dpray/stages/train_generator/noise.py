@@ -15,14 +15,17 @@ the last checkpoint, and the step counter keeps counting).
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 
 from dpray.privacy.secure_agg.aggregator import (
     SecureAggConfig,
     all_reduce_int64,
+    data_independent_offset,
     decode,
-    encode,
+    encode_with_offset,
     exchange_public_keys,
     pairwise_seeds,
     private_generator,
@@ -45,6 +48,9 @@ class CentralAggregator:
         self.std = noise_multiplier * clip_norm
         self.rank, self.world = _world()
         self.generator = private_generator()
+
+    def prefetch(self, step: int) -> None:
+        """Nothing to prepare: the Gaussian is drawn at aggregation time."""
 
     def __call__(self, local_sum: torch.Tensor, step: int) -> torch.Tensor:
         total = local_sum.detach().to(torch.float32).clone()
@@ -83,12 +89,30 @@ class SecureAggregator:
             rotation_seed=int.from_bytes(session[:7], "little"),
         )
         self.generator = private_generator()
+        self.offset_generator = private_generator()  # used only by the prefetch thread
         private_key, public_key = generate_keypair()
         publics = exchange_public_keys(public_key) if self.world > 1 else [public_key]
         self.seeds = pairwise_seeds(self.rank, private_key, publics, b"dpray-train|" + session)
+        # The noise share and masks do not depend on the gradient: prepare the next step's on a
+        # side thread while this step's forward/backward runs (torch releases the GIL).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secure-agg")
+        self._pending: dict[int, Future] = {}
+
+    def _offset_future(self, step: int) -> Future:
+        return self._pool.submit(
+            data_independent_offset, self.cfg, self.rank, step, self.seeds, self.offset_generator
+        )
+
+    def prefetch(self, step: int) -> None:
+        """Start preparing the data-independent part of ``step``'s payload."""
+        if step not in self._pending:
+            self._pending[step] = self._offset_future(step)
 
     def __call__(self, local_sum: torch.Tensor, step: int) -> torch.Tensor:
-        payload = encode(local_sum, self.cfg, self.rank, step, self.seeds, self.generator)
+        future = self._pending.pop(step, None) or self._offset_future(step)
+        offset = future.result()
+        self.prefetch(step + 1)
+        payload = encode_with_offset(local_sum, self.cfg, offset, self.generator)
         device = local_sum.device
         if self.world > 1:
             payload = payload.to(device)

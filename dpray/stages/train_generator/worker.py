@@ -52,7 +52,7 @@ def build_lora_model(model_path: str, plan: dict):
 
     torch.manual_seed(plan["init_seed"])
     base = AutoModelForCausalLM.from_pretrained(
-        model_path, torch_dtype=torch.float32, local_files_only=True
+        model_path, dtype=torch.float32, local_files_only=True
     )
     lora = LoraConfig(
         r=plan["lora_r"],
@@ -135,6 +135,7 @@ def train_loop_per_worker(plan: dict) -> None:
         executed = previous.steps if previous is not None else 0
     total_steps = plan["steps"]
     log_every = max(1, total_steps // 20)
+    aggregator.prefetch(start)
     for step in range(start, total_steps):
         tick = time.perf_counter()
         _maybe_fail(plan, step, rank, world)
