@@ -89,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.set_defaults(handler=_cmd_run, config=None, stages=None)
 
+    audit = sub.add_parser(
+        "audit",
+        help="Empirical privacy checks: leak scan (and membership audit).",
+        description="reads:  a run directory\nwrites: RUN_DIR/audit/*.json (counts only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="CHECK")
+    p = audit_sub.add_parser(
+        "leaks",
+        help="Scan every file outside private/ for private instruction text.",
+        description="Counts exact and long-substring (>= N tokens) matches of private "
+        "instructions in public files; matches in synthetic generations are reported as "
+        "memorisation. Exit 1 if anything outside the generations leaks.\n\n"
+        "reads:  RUN_DIR/private/ingest/*.parquet, every file outside RUN_DIR/private/, "
+        "RUN_DIR/private/logs (as extra public-bound files)\n"
+        "writes: RUN_DIR/audit/leaks.json (counts and file names only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--min-tokens", type=int, default=12, help="substring length in tokens")
+    p.set_defaults(handler=_cmd_audit_leaks)
+
     p = sub.add_parser(
         "budget",
         help="Print the privacy ledger: spent and remaining epsilon per stage.",
@@ -146,6 +168,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if report.exists():
         print(f"  report: {report}")
     return 0
+
+
+def _cmd_audit_leaks(args: argparse.Namespace) -> int:
+    from dpray.audit.leaks import scan
+    from dpray.rundir import write_json
+
+    run_dir = RunDir(args.run_dir)
+    logs = sorted(p for p in run_dir.logs.glob("*.log"))
+    report = scan(run_dir, min_tokens=args.min_tokens, extra_files=logs)
+    path = write_json(run_dir.public("audit") / "leaks.json", report.to_dict())
+    print(
+        f"leak scan: {report.files_scanned} files, {report.leak_count} leaks, "
+        f"{sum(report.memorised.values())} memorised generations -> {path}"
+    )
+    return 1 if report.leak_count else 0
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Empirical privacy checks: leak scan of public artifacts, membership/canary audit."""

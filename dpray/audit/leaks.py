@@ -1,0 +1,171 @@
+"""Leak scan: does any private instruction's text appear in a file outside ``private/``?
+
+Everything outside ``RUN_DIR/private/`` is promised to be safe to hand to an annotator.  This scan
+checks the promise directly: it indexes every private instruction (training and held-out) by
+hashed token n-grams, then reads every public file (Parquet string cells, JSON string values,
+any other file as text) and counts
+
+* **exact** matches: a whole string value equal to a private instruction (after whitespace and
+  case normalisation) — catches short instructions a substring check would miss;
+* **substring** matches: a run of at least ``min_tokens`` consecutive tokens of some private
+  instruction.
+
+Matches inside synthetic generations (``sample/``, ``filter/``, ``annotate/``) are reported as
+*memorisation*: the DP generator reproducing training text, which DP bounds but cannot forbid for
+common phrases.  Matches anywhere else are *leaks*, a bug.  The report holds counts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dpray.rundir import RunDir
+
+TOKEN = re.compile(r"\w+", re.UNICODE)
+GENERATION_DIRS = ("sample", "filter", "annotate")
+PRIVATE_TABLES = ("ingest/instructions.parquet", "ingest/heldout.parquet")
+
+
+def tokens(text: str) -> list[str]:
+    return TOKEN.findall(text.casefold())
+
+
+def _digest(parts: Iterable[str]) -> bytes:
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+
+
+@dataclass
+class PrivateIndex:
+    """Hashed n-grams and whole normalised texts of the private instructions (kept in memory)."""
+
+    min_tokens: int
+    ngrams: set[bytes] = field(default_factory=set)
+    wholes: set[bytes] = field(default_factory=set)
+    size: int = 0
+
+    def add(self, text: str) -> None:
+        toks = tokens(text)
+        if not toks:
+            return
+        self.size += 1
+        self.wholes.add(_digest(toks))
+        for start in range(len(toks) - self.min_tokens + 1):
+            self.ngrams.add(_digest(toks[start : start + self.min_tokens]))
+
+    def exact(self, value: str) -> bool:
+        toks = tokens(value)
+        return bool(toks) and _digest(toks) in self.wholes
+
+    def substrings(self, value: str) -> int:
+        """Number of windows of ``min_tokens`` tokens of ``value`` found in a private text."""
+        toks = tokens(value)
+        return sum(
+            _digest(toks[i : i + self.min_tokens]) in self.ngrams
+            for i in range(len(toks) - self.min_tokens + 1)
+        )
+
+
+def build_index(run_dir: RunDir, min_tokens: int) -> PrivateIndex:
+    index = PrivateIndex(min_tokens)
+    for name in PRIVATE_TABLES:
+        path = run_dir.private_root / name
+        if path.exists():
+            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
+                index.add(text)
+    return index
+
+
+def _json_strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _json_strings(key)
+            yield from _json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_strings(item)
+
+
+def strings_of(path: Path) -> Iterator[tuple[str, bool]]:
+    """(string, is_structured_value) pairs of a file: cells, JSON values, or the whole text."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        table = pq.read_table(path)
+        for column in table.columns:
+            if str(column.type) in ("string", "large_string"):
+                for value in column.to_pylist():
+                    if value:
+                        yield value, True
+        return
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="ignore")
+    if suffix in (".json", ".jsonl"):
+        try:
+            docs = (
+                [json.loads(text)]
+                if suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()]
+            )
+        except json.JSONDecodeError:
+            docs = None
+        if docs is not None:
+            for doc in docs:
+                for value in _json_strings(doc):
+                    yield value, True
+            return
+    yield text, False
+
+
+@dataclass
+class LeakReport:
+    files_scanned: int
+    private_texts: int
+    min_tokens: int
+    leaks: dict[str, int]
+    memorised: dict[str, int]
+
+    @property
+    def leak_count(self) -> int:
+        return sum(self.leaks.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "files_scanned": self.files_scanned,
+            "private_texts_indexed": self.private_texts,
+            "min_tokens": self.min_tokens,
+            "leaks_total": self.leak_count,
+            "leaks_by_file": self.leaks,
+            "memorised_total": sum(self.memorised.values()),
+            "memorised_by_file": self.memorised,
+        }
+
+
+def scan(run_dir: RunDir, min_tokens: int = 12, extra_files: Iterable[Path] = ()) -> LeakReport:
+    """Scan every public file of ``run_dir`` (plus ``extra_files``, e.g. logs) for private text."""
+    index = build_index(run_dir, min_tokens)
+    leaks: Counter[str] = Counter()
+    memorised: Counter[str] = Counter()
+    files = [p for p in run_dir.public_files() if p.name != "leaks.json"] + list(extra_files)
+    for path in files:
+        rel = (
+            str(path.relative_to(run_dir.root)) if path.is_relative_to(run_dir.root) else str(path)
+        )
+        generated = rel.split("/", 1)[0] in GENERATION_DIRS and path.suffix == ".parquet"
+        hits = 0
+        for value, structured in strings_of(path):
+            if structured and index.exact(value):
+                hits += 1
+            else:
+                hits += index.substrings(value) > 0
+        if hits:
+            (memorised if generated else leaks)[rel] += hits
+    return LeakReport(len(files), index.size, min_tokens, dict(leaks), dict(memorised))

@@ -1,0 +1,66 @@
+"""The leak scan finds planted private text in public artifacts, and nothing in a clean run."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpray.audit.leaks import scan
+from dpray.rundir import RunDir
+from tests.conftest import make_canary
+
+
+def _run_dir(tmp_path, texts):
+    run_dir = RunDir(tmp_path / "run")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [str(i) for i in range(len(texts))],
+                "text": texts,
+                "user_id": [str(i) for i in range(len(texts))],
+            }
+        ),
+        run_dir.private("ingest") / "instructions.parquet",
+    )
+    return run_dir
+
+
+def test_clean_run_has_no_leaks(tmp_path):
+    private = [f"please help me write a letter to my landlord {make_canary()} about rent"]
+    run_dir = _run_dir(tmp_path, private)
+    (run_dir.public("ingest") / "report.json").write_text(json.dumps({"rows_in": 1}))
+    pq.write_table(
+        pa.table({"text": ["write a poem about cats"]}), run_dir.public("sample") / "part-0.parquet"
+    )
+    report = scan(run_dir, min_tokens=6)
+    assert report.leak_count == 0 and report.to_dict()["memorised_total"] == 0
+    assert report.files_scanned == 2 and report.private_texts == 1
+
+
+def test_planted_leaks_are_caught_everywhere(tmp_path):
+    canary = make_canary()
+    long_text = f"my name is jane doe and my account number {canary} was charged twice last week"
+    short_text = f"call {make_canary()}"
+    run_dir = _run_dir(tmp_path, [long_text, short_text, "unrelated private text here"])
+    # substring inside an HTML report
+    (run_dir.public("report") / "index.html").write_text(
+        f"<html><body><p>sample: ... account number {canary} was charged twice last ...</p>"
+    )
+    # an exact short value in a JSON file
+    (run_dir.public("filter") / "noisy_histogram.json").write_text(
+        json.dumps({"bins": [1, 2], "note": short_text.upper()})
+    )
+    # a synthetic generation reproducing a training instruction: memorisation, not a leak
+    pq.write_table(
+        pa.table({"text": [long_text, "fresh synthetic text"]}),
+        run_dir.public("sample") / "part-0.parquet",
+    )
+    # private zone content is never scanned
+    (run_dir.private("ingest") / "copy.txt").write_text(long_text)
+    report = scan(run_dir, min_tokens=6).to_dict()
+    assert report["leaks_by_file"] == {"report/index.html": 1, "filter/noisy_histogram.json": 1}
+    assert report["memorised_by_file"] == {"sample/part-0.parquet": 1}
+    # the report itself holds counts and file names only
+    assert canary not in json.dumps(report)
