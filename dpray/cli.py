@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tokens", type=int, default=12, help="substring length in tokens")
     p.set_defaults(handler=_cmd_audit_leaks)
 
+    p = audit_sub.add_parser(
+        "mia",
+        help="Membership/canary audit: DP vs non-DP generators trained on the same data.",
+        description="Trains a DP and a non-DP generator on half of audit.mia_records ingested "
+        "instructions plus canaries (repeated audit.canary_repeats times), then reports canary "
+        "exposure and loss-based membership-inference AUC for both.\n\n"
+        "reads:  RUN_DIR/private/ingest/instructions.parquet (run `dpray ingest` first)\n"
+        "writes: RUN_DIR/private/audit/ (audit models), RUN_DIR/audit/mia.json (aggregates)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(p)
+    p.set_defaults(handler=_cmd_audit_mia)
+
     p = sub.add_parser(
         "budget",
         help="Print the privacy ledger: spent and remaining epsilon per stage.",
@@ -183,6 +196,21 @@ def _cmd_audit_leaks(args: argparse.Namespace) -> int:
         f"{sum(report.memorised.values())} memorised generations -> {path}"
     )
     return 1 if report.leak_count else 0
+
+
+def _cmd_audit_mia(args: argparse.Namespace) -> int:
+    from dpray.audit.mia import run_mia_audit
+
+    config, run_dir = _load(args)
+    report = run_mia_audit(config, run_dir)
+    for name, result in report["results"].items():
+        exposures = ", ".join(
+            f"x{c['repeats']}: {c['exposure_bits']:.1f} bits" for c in result["canaries"]
+        )
+        print(f"{name}: MIA AUC {result['mia_auc']:.3f}; canary exposure {exposures}")
+    print(report["note"])
+    print(f"report: {run_dir.root / 'audit' / 'mia.json'}")
+    return 0
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

@@ -193,7 +193,43 @@ class FilterConfig(Section):
         1, ge=1, description="nn_vote: nearest candidates each real record votes for."
     )
     nn_threshold: float = Field(0.0, ge=0, description="nn_vote: noisy votes below are dropped.")
-    seed: int = 0
+    nn_select: Literal["proportional", "top"] = Field(
+        "proportional",
+        description="nn_vote: sample candidates in proportion to their noisy votes, or keep the "
+        "top-voted.",
+    )
+    kmeans_iters: int = Field(20, ge=1, description="cluster: faiss k-means iterations.")
+    metrics: bool = Field(
+        True,
+        description="Write filter/metrics.json: non-private evaluation on the held-out split "
+        "(FED, TV, MAUVE), when data.heldout_fraction > 0.",
+    )
+    mauve: bool = Field(True, description="Include MAUVE (mauve-text) in the metrics.")
+    metrics_subsamples: int = Field(
+        5, ge=1, description="Subsamples each FED figure is averaged over."
+    )
+    seed: int = Field(0, description="Seed of k-means and resampling (public steps, not noise).")
+
+
+class AuditConfig(Section):
+    """Empirical privacy checks: the leak scan and the membership/canary audit."""
+
+    leak_min_tokens: int = Field(12, ge=3, description="Leak scan: substring length in tokens.")
+    fail_on_leak: bool = Field(True, description="dpray run fails if private text leaks.")
+    mia_records: int = Field(2000, ge=20, description="Real records in the audit (half members).")
+    canary_repeats: list[int] = Field(
+        default_factory=lambda: [1, 10, 100],
+        description="One canary per entry, inserted this many times into the members.",
+    )
+    canary_candidates: int = Field(
+        1000, ge=10, description="Random secrets each canary is ranked against (exposure)."
+    )
+    mia_steps: int | None = Field(
+        None, ge=1, description="Training steps of both audit models (default: train.steps)."
+    )
+    mia_eval_records: int = Field(
+        500, ge=10, description="Members and non-members each scored for the MIA AUC."
+    )
 
 
 class DprayConfig(Section):
@@ -208,6 +244,7 @@ class DprayConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _user_unit_needs_user_field(self) -> DprayConfig:

@@ -141,7 +141,8 @@ def train_generator(
     grouped = [[seqs[i] for i in members] for members in units.members]
 
     private = run_dir.private("train")
-    public = run_dir.public("generator") if out_dir is None else out_dir
+    public = run_dir.public("generator") if out_dir is None else Path(out_dir)
+    public.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(8)
     plan = {
         "run_id": run_id,
