@@ -20,6 +20,8 @@ from dpray.rundir import RunDir
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_BUDGET = 4
+EXIT_LEAK = 5
+RUN_DIR_COMMANDS = {"report"}  # stages whose command takes a run directory, not a config
 
 log = logging.getLogger("dpray")
 
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name in [n for n in STAGE_ORDER if n in STAGES]:
+    for name in [n for n in STAGE_ORDER if n in STAGES and n not in RUN_DIR_COMMANDS]:
         stage = STAGES[name]
         p = sub.add_parser(
             name,
@@ -88,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, config_required=False)
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.set_defaults(handler=_cmd_run, config=None, stages=None)
+
+    p = sub.add_parser(
+        "report",
+        help=STAGES["report"].help,
+        description=f"{STAGES['report'].help}\n\nreads:  {STAGES['report'].reads}\n"
+        f"writes: {STAGES['report'].writes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="a run directory")
+    p.set_defaults(handler=_cmd_report)
 
     audit = sub.add_parser(
         "audit",
@@ -183,6 +195,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dpray.stages.report import write_report
+
+    path = write_report(RunDir(args.run_dir))
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_audit_leaks(args: argparse.Namespace) -> int:
     from dpray.audit.leaks import scan
     from dpray.rundir import write_json
@@ -230,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from dpray.pipeline import LeakError
     from dpray.stages.ingest import IngestError
 
     try:
@@ -243,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetExceededError as exc:
         print(f"dpray: privacy budget: {exc}", file=sys.stderr)
         return EXIT_BUDGET
+    except LeakError as exc:
+        print(f"dpray: leak scan: {exc}", file=sys.stderr)
+        return EXIT_LEAK
 
 
 if __name__ == "__main__":

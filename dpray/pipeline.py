@@ -92,6 +92,31 @@ def _record_timing(run_dir: RunDir, name: str, seconds: float) -> None:
     write_json(path, timings)
 
 
+class LeakError(RuntimeError):
+    """The final leak scan found private text in a public artifact."""
+
+
+def final_leak_scan(config: DprayConfig, run_dir: RunDir) -> dict:
+    """Scan every public file (and the run's logs); fail on private text outside generations."""
+    from dpray.audit.leaks import scan
+
+    logs = sorted(run_dir.logs.glob("*.log"))
+    report = scan(run_dir, min_tokens=config.audit.leak_min_tokens, extra_files=logs)
+    write_json(run_dir.public("audit") / "leaks.json", report.to_dict())
+    log.info(
+        "leak scan: %d public files, %d leaks, %d memorised generations",
+        report.files_scanned,
+        report.leak_count,
+        sum(report.memorised.values()),
+    )
+    if report.leak_count and config.audit.fail_on_leak:
+        raise LeakError(
+            f"{report.leak_count} private texts found in public files "
+            f"{sorted(report.leaks)} (see {run_dir.root / 'audit' / 'leaks.json'})"
+        )
+    return report.to_dict()
+
+
 def run_pipeline(
     config: DprayConfig, run_dir: RunDir, stages: list[str] | None = None, force: bool = False
 ) -> dict[str, StageResult | None]:
@@ -100,4 +125,13 @@ def run_pipeline(
     results: dict[str, StageResult | None] = {}
     for name in names:
         results[name] = run_stage(STAGES[name], config, run_dir, force=force)
+    if stages is None:
+        # The leak scan runs last, over everything public including the report; the report is
+        # then rewritten to show the scan's result (and scanned once more).
+        final_leak_scan(config, run_dir)
+        if "report" in STAGES:
+            from dpray.stages.report import write_report
+
+            write_report(run_dir)
+            final_leak_scan(config, run_dir)
     return results
