@@ -161,10 +161,26 @@ def _load(args: argparse.Namespace) -> tuple[DprayConfig, RunDir]:
     return config, run_dir
 
 
+def _configure_logging(level: int) -> None:
+    """dpray's own logger, independent of the root logger (Ray, DeepSpeed and others set up the
+    root logger on import, which would silently swallow a plain ``basicConfig``)."""
+    logger = logging.getLogger("dpray")
+    logger.setLevel(level)
+    logger.propagate = False
+    if not any(getattr(h, "_dpray", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        handler._dpray = True  # noqa: SLF001
+        logger.addHandler(handler)
+
+
 def _log_to_file(run_dir: RunDir) -> None:
+    """Also log to RUN_DIR/private/logs/dpray.log (private zone: logs may name file:line)."""
     handler = logging.FileHandler(run_dir.logs / "dpray.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    logging.getLogger("dpray").addHandler(handler)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -245,11 +261,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _configure_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     from dpray.pipeline import LeakError
     from dpray.stages.ingest import IngestError
 

@@ -232,10 +232,244 @@ class AuditConfig(Section):
     )
 
 
+class AlignTrainerConfig(Section):
+    """What the SFT, reward and PPO trainers share: Ray Train workers, DeepSpeed, LoRA, schedule.
+
+    These stages read only DP outputs (synthetic instructions and their annotations), so they
+    spend no privacy budget and may use any trainer.
+    """
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one training process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker with NCCL; else CPU with gloo.")
+    cpus_per_worker: int | None = Field(
+        None, ge=1, description="CPUs (and torch threads) per worker; default: an equal share."
+    )
+    deepspeed: int | None = Field(
+        None,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage (0-3) from the shipped configs/deepspeed files; "
+        "unset: plain torch DDP.",
+    )
+    deepspeed_config: str | None = Field(
+        None, description="A DeepSpeed JSON file to use instead of the shipped one."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(8, ge=1, description="Examples per worker per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (linear decay).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(
+        512,
+        ge=16,
+        description="Token limit of an example: SFT truncates, the reward trainer drops longer "
+        "pairs, PPO keeps the end of longer prompts.",
+    )
+    lora: bool = Field(True, description="Train a LoRA adapter (peft) instead of all weights.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get LoRA adapters.",
+    )
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps.")
+    max_failures: int = Field(0, ge=0, description="Ray Train restarts after a worker failure.")
+
+
+class AnnotateConfig(Section):
+    """Teacher responses for the filtered synthetic instructions, and preference pairs."""
+
+    teacher: str = Field(
+        "packaged:smollm2",
+        description="Teacher: a causal LM spec (path, .gguf, packaged:*, tiny:*) or the URL of "
+        "an OpenAI-compatible server (http(s)://host[:port][/v1]).",
+    )
+    teacher_name: str | None = Field(
+        None, description="Endpoint teachers: the `model` sent to the server."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="Endpoint teachers: environment variable holding the API key (never stored).",
+    )
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Local models: auto picks vLLM with a GPU and vllm, else transformers."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message before each instruction (default: the template's own)."
+    )
+    max_instructions: int | None = Field(
+        None, ge=1, description="Annotate only the first N filtered instructions."
+    )
+    max_instruction_chars: int = Field(
+        4000,
+        ge=1,
+        description="Longer instructions are skipped and counted (prompt cost grows with length).",
+    )
+    temperature: float = Field(0.7, ge=0, description="0 decodes greedily.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (hf backend).")
+    num_actors: int = Field(
+        1, ge=0, description="Ray actors generating with a local model; 0: in this process."
+    )
+    max_concurrency: int = Field(8, ge=1, description="Endpoint teachers: requests in flight.")
+    request_timeout: float = Field(120.0, gt=0, description="Endpoint teachers: seconds/request.")
+    max_retries: int = Field(3, ge=0, description="Endpoint teachers: retries of a failed request.")
+    preferences: bool = Field(True, description="Also write preference pairs for RLHF.")
+    rejected_from: Literal["student", "teacher"] = Field(
+        "student",
+        description="The second response: the base student model, or a second teacher sample.",
+    )
+    student: str = Field(
+        "packaged:smollm2", description="The base student model (the model sft fine-tunes)."
+    )
+    judge: Literal["rule", "reward_model"] = Field(
+        "rule",
+        description="rule: the teacher's response is chosen over the student's; reward_model: "
+        "the higher score of annotate.judge_model is chosen.",
+    )
+    judge_model: str | None = Field(
+        None, description="Reward model (sequence-classification directory) for judge=reward_model."
+    )
+    seed: int = Field(0, description="Sampling seed.")
+
+    @model_validator(mode="after")
+    def _judge_fits(self) -> AnnotateConfig:
+        if self.judge == "rule" and self.rejected_from != "student":
+            raise ValueError("judge 'rule' ranks teacher over student: needs rejected_from=student")
+        if self.judge == "reward_model" and not self.judge_model:
+            raise ValueError("judge 'reward_model' needs annotate.judge_model")
+        if self.preferences and self.rejected_from == "teacher" and self.temperature == 0:
+            raise ValueError("two teacher samples need temperature > 0")
+        return self
+
+
+class SFTConfig(AlignTrainerConfig):
+    """Supervised fine-tuning of the student on the teacher's responses (TRL SFTTrainer)."""
+
+    model: str = Field("packaged:smollm2", description="The base student model spec.")
+    completion_only_loss: bool = Field(
+        True, description="Train on the response tokens only (the instruction is context)."
+    )
+    eval_examples: int = Field(
+        64, ge=1, description="Training examples scored before and after (the loss drop)."
+    )
+
+
+class RewardConfig(AlignTrainerConfig):
+    """The reward model: TRL RewardTrainer on the preference pairs, or a given model."""
+
+    model: str = Field("packaged:smollm2", description="Backbone of the reward model.")
+    pretrained: str | None = Field(
+        None, description="An existing reward model directory: used as is, no training."
+    )
+    lora: bool = Field(False, description="LoRA (merged into the saved model) or all weights.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (linear decay).")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Pushes rewards towards zero mean (TRL's auxiliary loss)."
+    )
+    eval_examples: int = Field(
+        256, ge=1, description="Training pairs ranked before and after (the accuracy gain)."
+    )
+
+
+class PPOConfig(AlignTrainerConfig):
+    """PPO (TRL's PPOTrainer): policy from SFT, value head, KL to the SFT reference."""
+
+    policy: str | None = Field(
+        None, description="Start policy (and KL reference); default RUN_DIR/sft/model."
+    )
+    reward_model: str | None = Field(
+        None, description="Reward model directory; default the reward stage's output."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Use only the first N filtered instructions as prompts."
+    )
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (linear decay).")
+    total_episodes: int | None = Field(
+        None, ge=1, description="Generated responses in all; default prompts x epochs."
+    )
+    response_length: int = Field(128, ge=1, description="Tokens generated per prompt.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature of rollouts.")
+    num_ppo_epochs: int = Field(4, ge=1, description="PPO epochs over each rollout batch.")
+    num_mini_batches: int = Field(1, ge=1, description="Minibatches per rollout batch.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty to the reference policy.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator (TRL's).")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value function clip.")
+    vf_coef: float = Field(0.1, ge=0, description="Value loss weight.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_rewards: bool = Field(False, description="Whiten rewards within a batch.")
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="Subtracted from the score of responses that never end."
+    )
+
+
+class EvaluateConfig(Section):
+    """Win rates of the base, SFT and PPO models on held-out real instructions."""
+
+    data_path: str | None = Field(
+        None,
+        description="JSONL/JSON/CSV/Parquet of real instructions; default the held-out split "
+        "private/ingest/heldout.parquet.",
+    )
+    text_field: str = Field("instruction", description="Field of data_path holding the text.")
+    max_instructions: int = Field(80, ge=1, description="Evaluate on the first N instructions.")
+    models: list[Literal["base", "sft", "ppo"]] = Field(
+        default_factory=lambda: ["base", "sft", "ppo"],
+        description="Models compared pairwise (those without an output yet are skipped).",
+    )
+    base_model: str = Field("packaged:smollm2", description="The base model spec.")
+    judge: Literal["reward_model", "llm"] = Field(
+        "reward_model", description="Score with the reward model, or ask a judge LLM."
+    )
+    judge_model: str | None = Field(
+        None,
+        description="judge=reward_model: a reward model directory (default the reward stage's); "
+        "judge=llm: a causal LM spec or an OpenAI-compatible URL.",
+    )
+    judge_name: str | None = Field(None, description="Endpoint judges: the `model` sent.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Endpoint judges: API key variable.")
+    tie_margin: float = Field(
+        0.0, ge=0, description="reward_model: score differences up to this are ties."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy answers.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Local models: auto picks vLLM with a GPU and vllm, else transformers."
+    )
+    num_actors: int = Field(
+        1, ge=0, description="Ray actors generating answers per model; 0: in this process."
+    )
+    interval: Literal["bootstrap", "wilson"] = Field(
+        "bootstrap", description="Confidence interval of a win rate (ties count half)."
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level.")
+    bootstrap_samples: int = Field(2000, ge=100, description="Bootstrap resamples.")
+    seed: int = Field(0, description="Seed of sampling and bootstrap.")
+
+    @model_validator(mode="after")
+    def _llm_judge_named(self) -> EvaluateConfig:
+        if self.judge == "llm" and not self.judge_model:
+            raise ValueError("judge 'llm' needs evaluate.judge_model")
+        return self
+
+
 class DprayConfig(Section):
     """The whole run: one section per stage plus run-wide settings."""
 
     run_dir: str = Field("runs/default", description="Where every stage reads and writes.")
+    skip_stages: list[str] = Field(
+        default_factory=list,
+        description="Stages `dpray run` leaves out (e.g. [reward, ppo] for an SFT-only run).",
+    )
     seed: int = Field(0, description="Root seed; each stage derives its own from it.")
     data: DataConfig
     privacy: PrivacyConfig
@@ -245,6 +479,11 @@ class DprayConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _user_unit_needs_user_field(self) -> DprayConfig:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import dpray
-from dpray.config import DprayConfig
+from dpray.config import ConfigError, DprayConfig
 from dpray.rundir import RunDir, read_json, write_json
 from dpray.stages import STAGE_ORDER, STAGES
 from dpray.stages.base import Stage, StageResult
@@ -121,7 +121,15 @@ def run_pipeline(
     config: DprayConfig, run_dir: RunDir, stages: list[str] | None = None, force: bool = False
 ) -> dict[str, StageResult | None]:
     """Run the stages in order, skipping completed ones."""
-    names = stages or [name for name in STAGE_ORDER if name in STAGES]
+    unknown = sorted(set(config.skip_stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"skip_stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+    names = stages or [
+        name for name in STAGE_ORDER if name in STAGES and name not in config.skip_stages
+    ]
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
     results: dict[str, StageResult | None] = {}
     for name in names:
         results[name] = run_stage(STAGES[name], config, run_dir, force=force)

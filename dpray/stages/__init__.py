@@ -1,6 +1,16 @@
 """The stages, in pipeline order.  Importing this package registers every stage."""
 
-from dpray.stages import ingest, train_generator  # noqa: F401  (registers)
+from dpray.stages import (  # noqa: F401  (registers)
+    align,
+    annotate,
+    embed,
+    evaluate,
+    filter,
+    ingest,
+    report,
+    sample,
+    train_generator,
+)
 from dpray.stages.base import STAGES, Stage, StageResult
 
 STAGE_ORDER = [

@@ -1,0 +1,275 @@
+"""``dpray ppo``: PPO against the reward model, on the synthetic instructions as prompts.
+
+The algorithm is TRL's ``PPOTrainer`` (``trl.experimental.ppo``, TRL 1.12: TRL 1.13 removed it,
+which is why dpray pins ``trl==1.12.*``; the pin was checked against transformers 5.24, where
+SFTTrainer, RewardTrainer and PPOTrainer all run).  Per rollout batch: the policy samples a
+response to each prompt; the reward model scores it; the per-token reward is the score at the
+end minus ``kl_coef`` times the KL to the reference; a value head (a copy of the reward model,
+trained alongside) gives GAE advantages; then ``num_ppo_epochs`` of clipped policy and value
+updates.
+
+Starting point and reference: the SFT model (``RUN_DIR/sft/model``, its adapter merged).  With
+``ppo.lora`` (default) a fresh LoRA adapter on top of it is the policy and the same network with
+the adapter switched off is the KL reference, so no second copy is held; the trained adapter is
+merged at the end, and ``ppo/model`` is a full model (a LoRA on top of a merged SFT model could
+not be loaded from the original base alone).
+
+Reads ``filter/filtered.parquet``, the SFT model and the reward model.  Writes ``ppo/model`` and
+``ppo/metrics.json`` (per step: mean score, KL, policy and value losses).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dpray.config import DprayConfig
+from dpray.rundir import RunDir, write_json
+from dpray.stages.align.common import (
+    base_plan,
+    fit,
+    lora_config,
+    rows_of,
+    training_kwargs,
+    worker_loop,
+)
+from dpray.stages.align.models import (
+    chat_prompt_ids,
+    is_adapter,
+    load_causal_lm,
+    load_reward_model,
+    write_meta,
+)
+from dpray.stages.align.reward import reward_model_path
+from dpray.stages.base import Stage, StageResult, register
+
+log = logging.getLogger(__name__)
+STAGE_NAME = "ppo"
+STEP_KEYS = {
+    "objective/scores": "score",
+    "objective/kl": "kl",
+    "objective/rlhf_reward": "rlhf_reward",
+    "loss/policy_avg": "policy_loss",
+    "loss/value_avg": "value_loss",
+    "policy/entropy_avg": "entropy",
+}
+
+
+def prompts_path(run_dir: RunDir) -> Path:
+    return run_dir.root / "filter" / "filtered.parquet"
+
+
+def policy_spec(config: DprayConfig, run_dir: RunDir) -> str:
+    if config.ppo.policy:
+        return config.ppo.policy
+    sft = run_dir.root / "sft" / "model"
+    if not sft.is_dir():
+        raise FileNotFoundError(f"{sft} not found: run `dpray sft` first or set ppo.policy")
+    return str(sft)
+
+
+def load_prompts(path: Path, limit: int | None) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dpray filter` first")
+    texts = [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+    return texts[:limit] if limit else texts
+
+
+def build_plan(config: DprayConfig, run_dir: RunDir, prompts: list[str] | None = None) -> dict:
+    pc = config.ppo
+    prompts = load_prompts(prompts_path(run_dir), pc.max_prompts) if prompts is None else prompts
+    if not prompts:
+        raise ValueError(f"{STAGE_NAME}: no prompts")
+    plan = base_plan(STAGE_NAME, pc, config.seed)
+    plan.update(
+        {
+            "policy": policy_spec(config, run_dir),
+            "reward_model": str(reward_model_path(run_dir, pc.reward_model)),
+            "prompts": prompts,
+        }
+    )
+    return plan
+
+
+def _ppo_args(plan: dict, num_prompts: int):
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+
+    s = plan["section"]
+    kwargs = training_kwargs(plan, tempfile.mkdtemp(prefix="dpray-ppo-"))
+    kwargs.pop("max_steps")  # PPO counts episodes, not optimizer steps
+    episodes = s["total_episodes"] or math.ceil(s["epochs"] * num_prompts)
+    return TRLPPOConfig(
+        **kwargs,
+        # PPOConfig's own ``world_size`` field (None until the trainer sets it) shadows
+        # TrainingArguments.world_size, which transformers reads to fill DeepSpeed's "auto" sizes.
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        total_episodes=episodes,
+        response_length=s["response_length"],
+        temperature=s["temperature"],
+        num_ppo_epochs=s["num_ppo_epochs"],
+        num_mini_batches=s["num_mini_batches"],
+        kl_coef=s["kl_coef"],
+        kl_estimator=s["kl_estimator"],
+        cliprange=s["cliprange"],
+        cliprange_value=s["cliprange_value"],
+        vf_coef=s["vf_coef"],
+        gamma=s["gamma"],
+        lam=s["lam"],
+        whiten_rewards=s["whiten_rewards"],
+        missing_eos_penalty=s["missing_eos_penalty"],
+        stop_token="eos",
+        local_rollout_forward_batch_size=s["batch_size"],
+        num_sample_generations=0,
+    )
+
+
+def _attribute_forwarding_ddp():
+    from torch.nn.parallel import DistributedDataParallel
+
+    class AttributeForwardingDDP(DistributedDataParallel):
+        """DDP that falls back to its module's attributes, like a DeepSpeed engine does."""
+
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return DistributedDataParallel, AttributeForwardingDDP
+
+
+def patch_for_transformers5(trainer) -> None:
+    """Two gaps between TRL 1.12's PPOTrainer and transformers 5 / DDP, closed in place.
+
+    * The trainer reads ``self.model.policy`` on the *prepared* model (the KL reference pass with
+      a LoRA policy, and ``save_model``).  A DeepSpeed engine forwards unknown attributes to its
+      module; DistributedDataParallel does not -- and under Ray Train a process group always
+      exists, so accelerate wraps even one worker in DDP.  The wrapper's class is swapped for a
+      subclass that forwards the lookup (no new state; gradient syncing unchanged).
+    * PPOTrainer skips ``transformers.Trainer.__init__``, so ``save_model`` on ranks other than 0
+      misses ``is_distributed_loading_by_transformers``; its default there is False.
+    """
+    ddp, forwarding = _attribute_forwarding_ddp()
+    if isinstance(trainer.model, ddp) and not isinstance(trainer.model, forwarding):
+        trainer.model.__class__ = forwarding
+    if not hasattr(trainer, "is_distributed_loading_by_transformers"):
+        trainer.is_distributed_loading_by_transformers = False
+
+
+def train(plan: dict):
+    """Run PPO in this process; returns ``(trainer, metrics, tokenizer)``."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOTrainer
+
+    s = plan["section"]
+    policy, tokenizer = load_causal_lm(plan["policy"])
+    tokenizer.padding_side = "left"  # rollouts generate from left-padded prompts
+    reward_model, _ = load_reward_model(plan["reward_model"])
+    value_model, _ = load_reward_model(plan["reward_model"])
+    reference = None if s["lora"] else load_causal_lm(plan["policy"])[0]
+    prompts = rows_of(plan, "prompts")
+    ids = [chat_prompt_ids(tokenizer, text)[-s["max_length"] :] for text in prompts]
+    trainer = PPOTrainer(
+        args=_ppo_args(plan, len(prompts)),
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=Dataset.from_dict({"input_ids": ids}),
+        peft_config=lora_config(s, "CAUSAL_LM") if s["lora"] else None,
+    )
+    patch_for_transformers5(trainer)
+    trainer.train()
+    steps = [
+        {name: float(h[key]) for key, name in STEP_KEYS.items() if key in h}
+        for h in trainer.state.log_history
+        if "objective/scores" in h
+    ]
+    metrics = {
+        "prompts": len(prompts),
+        "episodes": int(trainer.args.total_episodes),
+        "steps": steps,
+        "world_size": int(trainer.args.world_size),
+        **score_trend([step["score"] for step in steps]),
+    }
+    return trainer, metrics, tokenizer
+
+
+def score_trend(scores: list[float]) -> dict:
+    """Mean reward over the first and the last quarter of steps (at least one step each)."""
+    if not scores:
+        return {"score_first": float("nan"), "score_last": float("nan")}
+    k = max(1, len(scores) // 4)
+    return {"score_first": sum(scores[:k]) / k, "score_last": sum(scores[-k:]) / k}
+
+
+def finalize(out: Path, policy: str) -> None:
+    """Make ``out`` a full causal LM: merge a trained LoRA adapter into the start policy."""
+    if is_adapter(out):
+        from peft import PeftModel
+
+        model, tokenizer = load_causal_lm(policy)
+        merged_dir = out.with_name(out.name + ".merged")
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        merged = PeftModel.from_pretrained(model, str(out)).merge_and_unload()
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        tokenizer.save_pretrained(merged_dir)
+        shutil.copy2(out / "metrics.json", merged_dir / "metrics.json")
+        shutil.rmtree(out)
+        merged_dir.rename(out)
+    write_meta(out, "full", policy)
+
+
+def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
+    pc = config.ppo
+    plan = build_plan(config, run_dir)
+    public = run_dir.public(STAGE_NAME)
+    out = public / "model"
+    log.info("%s: %d prompts, %d worker(s)", STAGE_NAME, len(plan["prompts"]), pc.num_workers)
+    metrics = fit(worker_loop(train), plan, pc, run_dir, out)
+    finalize(out, plan["policy"])
+    write_json(public / "metrics.json", metrics)
+    log.info(
+        "%s: mean score %.4f (first steps) -> %.4f (last steps)",
+        STAGE_NAME,
+        metrics["score_first"],
+        metrics["score_last"],
+    )
+    summary = {k: metrics[k] for k in ("prompts", "episodes", "score_first", "score_last")}
+    return StageResult(
+        outputs={"model": str(out), "metrics": str(public / "metrics.json")}, summary=summary
+    )
+
+
+def _inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
+    paths = [prompts_path(run_dir)]
+    paths.append(Path(config.ppo.policy) if config.ppo.policy else run_dir.root / "sft" / "model")
+    if config.ppo.reward_model:
+        paths.append(Path(config.ppo.reward_model))
+    else:
+        paths += [run_dir.root / "reward" / "reward.json", run_dir.root / "reward" / "model"]
+    return paths
+
+
+STAGE = register(
+    Stage(
+        name=STAGE_NAME,
+        run=run,
+        help="PPO on the synthetic instructions with the reward model (TRL PPOTrainer on Ray).",
+        reads="filter/filtered.parquet, sft/model, reward/reward.json (reward/model)",
+        writes="ppo/model (full causal LM), ppo/metrics.json",
+        sections=("ppo", "seed"),
+        inputs=_inputs,
+        needs_ray=True,
+    )
+)
+
+__all__ = ["STAGE", "build_plan", "finalize", "run", "score_trend", "train"]

@@ -1,0 +1,164 @@
+"""``dpray sft``: supervised fine-tuning of the student on the teacher's responses.
+
+TRL's ``SFTTrainer`` on conversational prompt/completion pairs, so the student's chat template
+formats every example and the loss covers the response tokens only (``completion_only_loss``):
+the synthetic instruction is context, not something the student should learn to write.  LoRA
+(peft) by default, or all weights.  Runs on Ray Train workers (:mod:`dpray.stages.align.common`);
+DDP, or DeepSpeed ZeRO with ``sft.deepspeed``.
+
+Reads ``annotate/pairs.parquet`` (public: DP instructions, teacher responses).  Writes
+``sft/model`` (a peft adapter plus tokenizer and ``dpray_model.json``, or a full model) and
+``sft/metrics.json``: the mean loss on the first ``eval_examples`` training examples before and
+after training, and the logged training losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dpray.config import DprayConfig
+from dpray.rundir import RunDir, write_json
+from dpray.stages.align.common import (
+    base_plan,
+    fit,
+    lora_config,
+    loss_history,
+    probe_loss,
+    rows_of,
+    training_kwargs,
+    worker_loop,
+)
+from dpray.stages.align.models import is_adapter, load_tokenizer, write_meta
+from dpray.stages.base import Stage, StageResult, register
+
+log = logging.getLogger(__name__)
+STAGE_NAME = "sft"
+
+
+def pairs_path(run_dir: RunDir) -> Path:
+    return run_dir.root / "annotate" / "pairs.parquet"
+
+
+def load_pairs(path: Path) -> list[dict]:
+    """Instruction/response rows with a non-empty response (an empty one teaches nothing)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dpray annotate` first")
+    table = pq.read_table(path, columns=["instruction", "response"]).to_pylist()
+    return [row for row in table if row["response"] and row["response"].strip()]
+
+
+def build_plan(config: DprayConfig, run_dir: RunDir, rows: list[dict] | None = None) -> dict:
+    """Everything a worker needs (plain values; the rows become an object-store ref on Ray)."""
+    from dpray.models import resolve_causal_lm
+
+    rows = load_pairs(pairs_path(run_dir)) if rows is None else rows
+    if not rows:
+        raise ValueError(f"{STAGE_NAME}: no instruction/response pairs to train on")
+    plan = base_plan(STAGE_NAME, config.sft, config.seed)
+    plan.update({"model_path": str(resolve_causal_lm(config.sft.model)), "rows": rows})
+    return plan
+
+
+def to_dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": row["instruction"]}],
+                "completion": [{"role": "assistant", "content": row["response"]}],
+            }
+            for row in rows
+        ]
+    )
+
+
+def train(plan: dict):
+    """Fine-tune in this process; returns ``(trainer, metrics, tokenizer)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    s = plan["section"]
+    tokenizer = load_tokenizer(plan["model_path"])
+    data = to_dataset(rows_of(plan))
+    probe = data.select(range(min(len(data), s["eval_examples"])))
+    model = AutoModelForCausalLM.from_pretrained(
+        plan["model_path"], dtype=torch.float32, local_files_only=True
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = TRLSFTConfig(
+        **training_kwargs(plan, tempfile.mkdtemp(prefix="dpray-sft-")),
+        max_length=s["max_length"],
+        completion_only_loss=s["completion_only_loss"],
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=probe,
+        processing_class=tokenizer,
+        peft_config=lora_config(s, "CAUSAL_LM") if s["lora"] else None,
+    )
+    before = probe_loss(trainer)  # evaluate() cannot run before train() under ZeRO 0-2
+    result = trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    metrics = {
+        "examples": len(data),
+        "steps": int(result.global_step),
+        "loss_before": float(before),
+        "loss_after": float(after),
+        "train_losses": loss_history(trainer),
+        "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+        "world_size": int(trainer.args.world_size),
+        "deepspeed_stage": (plan["deepspeed"] or {}).get("zero_optimization", {}).get("stage"),
+    }
+    return trainer, metrics, tokenizer
+
+
+def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
+    plan = build_plan(config, run_dir)
+    public = run_dir.public(STAGE_NAME)
+    out = public / "model"
+    log.info(
+        "%s: %d pairs, %d worker(s), %s, deepspeed=%s",
+        STAGE_NAME,
+        len(plan["rows"]),
+        config.sft.num_workers,
+        "lora" if config.sft.lora else "full",
+        config.sft.deepspeed,
+    )
+    metrics = fit(worker_loop(train), plan, config.sft, run_dir, out)
+    write_meta(out, "lora" if is_adapter(out) else "full", config.sft.model)
+    write_json(public / "metrics.json", metrics)
+    log.info("%s: loss %.4f -> %.4f", STAGE_NAME, metrics["loss_before"], metrics["loss_after"])
+    summary = {k: metrics[k] for k in ("examples", "steps", "loss_before", "loss_after")}
+    return StageResult(
+        outputs={"model": str(out), "metrics": str(public / "metrics.json")}, summary=summary
+    )
+
+
+def _inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
+    return [pairs_path(run_dir)]
+
+
+STAGE = register(
+    Stage(
+        name=STAGE_NAME,
+        run=run,
+        help="Supervised fine-tuning on the teacher's responses (TRL SFTTrainer on Ray Train).",
+        reads="annotate/pairs.parquet",
+        writes="sft/model (peft adapter or full model), sft/metrics.json",
+        sections=("sft", "seed"),
+        inputs=_inputs,
+        needs_ray=True,
+    )
+)
+
+__all__ = ["STAGE", "build_plan", "load_pairs", "run", "to_dataset", "train"]

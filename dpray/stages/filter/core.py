@@ -1,0 +1,123 @@
+"""The two filter methods on arrays: what the stage and the benchmark share.
+
+No files, no ledger: the caller passes the absolute noise std ``sigma``, a secret noise
+generator, and ``on_release``, called once right after the noise is drawn and before anything
+is derived from it (the stage spends the ledger event there, so a refused spend means nothing
+noisy was ever used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpray.config import FilterConfig
+from dpray.stages.filter import histogram, nn_vote, resample
+from dpray.stages.filter.cluster import Clustering, auto_num_clusters, fit_clusters
+
+
+@dataclass
+class FilterOutcome:
+    """What one filter run produced.  ``exact`` is private; everything else is DP or public."""
+
+    selected: np.ndarray  # indices into the synthetic candidates
+    clustering: Clustering
+    exact: np.ndarray  # exact vote totals (PRIVATE)
+    noisy: np.ndarray  # the DP release
+    shares: np.ndarray | None  # cluster method: clamped, normalised noisy shares
+    report: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def _timer() -> Callable[[], float]:
+    import time
+
+    start = time.perf_counter()
+    last = [start]
+
+    def lap() -> float:
+        now = time.perf_counter()
+        seconds, last[0] = now - last[0], now
+        return round(seconds, 4)
+
+    return lap
+
+
+def cluster_filter(
+    synthetic: np.ndarray,
+    real: np.ndarray,
+    units: np.ndarray,
+    fc: FilterConfig,
+    sigma: float,
+    noise_rng: np.random.Generator,
+    on_release: Callable[[], object] | None = None,
+    clustering: Clustering | None = None,
+) -> FilterOutcome:
+    """The seed paper's filter: cluster synthetic, histogram real, noise, resample to shares."""
+    lap = _timer()
+    timings = {}
+    if clustering is None:
+        k = auto_num_clusters(len(synthetic), fc.num_clusters)
+        clustering = fit_clusters(synthetic, k, fc.pca_variance, fc.seed, fc.kmeans_iters)
+        timings.update(clustering.timings)
+    lap()
+    real_labels = clustering.assign(real)
+    timings["assign_real"] = lap()
+    k = clustering.num_clusters
+    exact = histogram.unit_votes(units, real_labels, k, scheme="split")
+    noisy = histogram.gaussian_release(exact, sigma, noise_rng)
+    if on_release is not None:
+        on_release()
+    capacity = np.bincount(clustering.synthetic_labels, minlength=k)
+    shares = histogram.to_shares(noisy, fallback=capacity)
+    selected, report = resample.resample(
+        clustering.synthetic_labels,
+        shares,
+        fc.target_size,
+        np.random.default_rng(fc.seed),
+        fc.with_replacement,
+    )
+    timings["release_and_resample"] = lap()
+    return FilterOutcome(selected, clustering, exact, noisy, shares, report.to_dict(), timings)
+
+
+def nn_vote_filter(
+    synthetic: np.ndarray,
+    real: np.ndarray,
+    units: np.ndarray,
+    fc: FilterConfig,
+    sigma: float,
+    noise_rng: np.random.Generator,
+    on_release: Callable[[], object] | None = None,
+    clustering: Clustering | None = None,
+) -> FilterOutcome:
+    """Private-Evolution voting: nearest candidates, L2-scaled votes, noise, threshold, select.
+
+    The clustering is fitted only for the ``cluster`` column and the evaluation metrics."""
+    lap = _timer()
+    timings = {}
+    neighbours = nn_vote.nearest_candidates(synthetic, real, fc.nn_k, fc.seed)
+    timings["search"] = lap()
+    exact = histogram.unit_votes(units, neighbours, len(synthetic), scheme="l2")
+    noisy = histogram.gaussian_release(exact, sigma, noise_rng)
+    if on_release is not None:
+        on_release()
+    selected, report = nn_vote.select(
+        noisy,
+        fc.target_size,
+        fc.nn_threshold,
+        np.random.default_rng(fc.seed),
+        fc.nn_select,
+        fc.with_replacement,
+    )
+    timings["release_and_select"] = lap()
+    if clustering is None:
+        k = auto_num_clusters(len(synthetic), fc.num_clusters)
+        clustering = fit_clusters(synthetic, k, fc.pca_variance, fc.seed, fc.kmeans_iters)
+        timings.update(clustering.timings)
+    return FilterOutcome(selected, clustering, exact, noisy, None, report.to_dict(), timings)
+
+
+METHODS = {"cluster": cluster_filter, "nn_vote": nn_vote_filter}

