@@ -392,7 +392,10 @@ class PPOConfig(AlignTrainerConfig):
     )
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (linear decay).")
     total_episodes: int | None = Field(
-        None, ge=1, description="Generated responses in all; default prompts x epochs."
+        None,
+        ge=1,
+        description="Generated responses in all; default: max_steps rollout batches if set, "
+        "else prompts x epochs.",
     )
     response_length: int = Field(128, ge=1, description="Tokens generated per prompt.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature of rollouts.")

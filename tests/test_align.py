@@ -80,6 +80,18 @@ def test_trainer_arguments_follow_the_section(tmp_path):
     assert kwargs["save_strategy"] == "no" and kwargs["report_to"] == []
 
 
+def test_ppo_episodes_from_max_steps_or_epochs(tmp_path):
+    from dpray.stages.align.ppo import _ppo_args
+
+    section = {"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 2}
+    plan = base_plan("ppo", _config(tmp_path, ppo=section).ppo, 0)
+    assert _ppo_args(plan, num_prompts=100).total_episodes == 3 * 4 * 2  # rollout batches
+    plan = base_plan("ppo", _config(tmp_path, ppo={"epochs": 1.5}).ppo, 0)
+    args = _ppo_args(plan, num_prompts=10)
+    assert args.total_episodes == 15 and args.stop_token == "eos"
+    assert args.world_size == 1  # not None: DeepSpeed's "auto" sizes are computed from it
+
+
 def test_section_defaults_differ_per_trainer(tmp_path):
     config = _config(tmp_path)
     assert config.sft.lora and config.ppo.lora and not config.reward.lora

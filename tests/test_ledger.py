@@ -136,3 +136,20 @@ def test_budget_table(ledger, capsys):
     assert main(["budget", str(ledger.path.parent)]) == 0
     out = capsys.readouterr().out
     assert "filter" in out and "remaining" in out and "target" in out
+
+
+def test_progress_with_planned_bound_is_an_upper_bound(ledger):
+    def ev(steps):
+        return PoissonSubsampledGaussianEvent(
+            "train-generator", noise_multiplier=1.0, sampling_rate=0.02, steps=steps, run_id="p"
+        )
+
+    plan = ev(200)
+    ledger.check(plan)
+    for steps in (1, 50, 199):
+        reported = ledger.record_progress(ev(steps), bound=plan)
+        exact = ledger.accounting([ev(steps)]).epsilon
+        assert exact - 1e-9 <= reported <= ledger.accounting([plan]).epsilon + 1e-9
+    saved = json.loads(ledger.path.read_text())
+    assert saved["events"][0]["steps"] == 199
+    assert saved["spent"]["epsilon"] <= 3.0

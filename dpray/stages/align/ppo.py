@@ -102,13 +102,19 @@ def _ppo_args(plan: dict, num_prompts: int):
 
     s = plan["section"]
     kwargs = training_kwargs(plan, tempfile.mkdtemp(prefix="dpray-ppo-"))
-    kwargs.pop("max_steps")  # PPO counts episodes, not optimizer steps
-    episodes = s["total_episodes"] or math.ceil(s["epochs"] * num_prompts)
+    kwargs.pop("max_steps")  # PPO counts episodes: a step is one rollout batch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if s["total_episodes"]:
+        episodes = s["total_episodes"]
+    elif s["max_steps"]:
+        episodes = s["max_steps"] * s["batch_size"] * s["gradient_accumulation_steps"] * world
+    else:
+        episodes = math.ceil(s["epochs"] * num_prompts)
     return TRLPPOConfig(
         **kwargs,
         # PPOConfig's own ``world_size`` field (None until the trainer sets it) shadows
         # TrainingArguments.world_size, which transformers reads to fill DeepSpeed's "auto" sizes.
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=world,
         total_episodes=episodes,
         response_length=s["response_length"],
         temperature=s["temperature"],

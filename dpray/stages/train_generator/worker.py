@@ -154,7 +154,10 @@ def train_loop_per_worker(plan: dict) -> None:
         epsilon = None
         if ledger is not None:
             executed += 1  # the noisy sum exists now: this step is spent
-            epsilon = ledger.record_progress(event_for(plan, executed, secure_fields))
+            epsilon = ledger.record_progress(
+                event_for(plan, executed, secure_fields),
+                bound=event_for(plan, max(executed, plan["planned_steps"]), secure_fields),
+            )
         apply_update(optimizer, params, noisy, plan["expected_batch_size"])
         seconds = time.perf_counter() - tick
         metrics = {"step": step + 1, "step_seconds": seconds, "epsilon": epsilon}
