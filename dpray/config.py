@@ -356,6 +356,11 @@ class SFTConfig(AlignTrainerConfig):
     completion_only_loss: bool = Field(
         True, description="Train on the response tokens only (the instruction is context)."
     )
+    drop_truncated: bool = Field(
+        False,
+        description="Skip responses the teacher did not finish (cut at annotate.max_new_tokens), "
+        "which teach the student to stop mid-sentence; off for tiny test teachers that never stop.",
+    )
     eval_examples: int = Field(
         64, ge=1, description="Training examples scored before and after (the loss drop)."
     )

@@ -92,6 +92,21 @@ def test_ppo_episodes_from_max_steps_or_epochs(tmp_path):
     assert args.world_size == 1  # not None: DeepSpeed's "auto" sizes are computed from it
 
 
+def test_sft_skips_empty_and_unfinished_responses(tmp_path):
+    from dpray.stages.align.sft import load_pairs
+
+    path = tmp_path / "pairs.parquet"
+    rows = {
+        "instruction": ["a", "b", "c"],
+        "response": ["done.", "cut mid", "  "],
+        "teacher": ["t"] * 3,
+        "truncated": [False, True, False],
+    }
+    pq.write_table(pa.table(rows), path)
+    assert [r["instruction"] for r in load_pairs(path)] == ["a", "b"]
+    assert [r["instruction"] for r in load_pairs(path, drop_truncated=True)] == ["a"]
+
+
 def test_section_defaults_differ_per_trainer(tmp_path):
     config = _config(tmp_path)
     assert config.sft.lora and config.ppo.lora and not config.reward.lora

@@ -43,21 +43,34 @@ def pairs_path(run_dir: RunDir) -> Path:
     return run_dir.root / "annotate" / "pairs.parquet"
 
 
-def load_pairs(path: Path) -> list[dict]:
-    """Instruction/response rows with a non-empty response (an empty one teaches nothing)."""
+def load_pairs(path: Path, drop_truncated: bool = False) -> list[dict]:
+    """Instruction/response rows with a non-empty (and, optionally, finished) response."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dpray annotate` first")
-    table = pq.read_table(path, columns=["instruction", "response"]).to_pylist()
-    return [row for row in table if row["response"] and row["response"].strip()]
+    table = pq.read_table(path)
+    rows = table.select(["instruction", "response"]).to_pylist()
+    cut = table.column("truncated").to_pylist() if "truncated" in table.column_names else None
+    keep = []
+    for i, row in enumerate(rows):
+        if not (row["response"] and row["response"].strip()):
+            continue  # an empty response teaches nothing
+        if drop_truncated and cut is not None and cut[i]:
+            continue
+        keep.append(row)
+    return keep
 
 
 def build_plan(config: DprayConfig, run_dir: RunDir, rows: list[dict] | None = None) -> dict:
     """Everything a worker needs (plain values; the rows become an object-store ref on Ray)."""
     from dpray.models import resolve_causal_lm
 
-    rows = load_pairs(pairs_path(run_dir)) if rows is None else rows
+    if rows is None:
+        rows = load_pairs(pairs_path(run_dir), config.sft.drop_truncated)
     if not rows:
-        raise ValueError(f"{STAGE_NAME}: no instruction/response pairs to train on")
+        raise ValueError(
+            f"{STAGE_NAME}: no instruction/response pairs to train on (all empty, or truncated: "
+            "raise annotate.max_new_tokens or leave sft.drop_truncated off)"
+        )
     plan = base_plan(STAGE_NAME, config.sft, config.seed)
     plan.update({"model_path": str(resolve_causal_lm(config.sft.model)), "rows": rows})
     return plan
