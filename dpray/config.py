@@ -161,7 +161,11 @@ class SampleConfig(Section):
     shard_size: int = Field(256, ge=1, description="Samples per output Parquet shard.")
     oversample: float = Field(1.2, ge=1, description="Draw this many times N per round.")
     max_rounds: int = Field(5, ge=1, description="Rounds of top-up sampling to reach N unique.")
-    num_actors: int | None = Field(None, ge=1, description="Sampling actors (default: by cores).")
+    num_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Sampling actors (default: one per GPU, else one single-threaded actor per core).",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per actor.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     seed: int = Field(0, description="Sampling seed (with the shard plan, makes runs repeatable).")
@@ -257,6 +261,11 @@ class AlignTrainerConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
     )
+    activation_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass: less memory, about a third "
+        "more compute. Default: on with GPUs (TRL's default), off on CPU where memory is ample.",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(8, ge=1, description="Examples per worker per forward/backward pass.")
@@ -314,8 +323,11 @@ class AnnotateConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate call (hf backend).")
-    num_actors: int = Field(
-        1, ge=0, description="Ray actors generating with a local model; 0: in this process."
+    num_actors: int | None = Field(
+        None,
+        ge=0,
+        description="Ray actors generating with a local model (default: one per GPU, else one "
+        "single-threaded actor per core); 0: in this process.",
     )
     max_concurrency: int = Field(8, ge=1, description="Endpoint teachers: requests in flight.")
     request_timeout: float = Field(120.0, gt=0, description="Endpoint teachers: seconds/request.")
@@ -453,8 +465,11 @@ class EvaluateConfig(Section):
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Local models: auto picks vLLM with a GPU and vllm, else transformers."
     )
-    num_actors: int = Field(
-        1, ge=0, description="Ray actors generating answers per model; 0: in this process."
+    num_actors: int | None = Field(
+        None,
+        ge=0,
+        description="Ray actors generating answers per model (default: one per GPU, else one "
+        "single-threaded actor per core); 0: in this process.",
     )
     interval: Literal["bootstrap", "wilson"] = Field(
         "bootstrap", description="Confidence interval of a win rate (ties count half)."

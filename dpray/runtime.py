@@ -69,7 +69,10 @@ def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
     ray.init(
         _temp_dir=str(temp_dir),
         num_cpus=config.ray.num_cpus,
-        include_dashboard=False,
+        # The dashboard process serves Ray's state API; without it Ray Train's placement-group
+        # cleaner cannot see its controller and logs a warning every few seconds.  Loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,

@@ -64,3 +64,23 @@ def test_planted_leaks_are_caught_everywhere(tmp_path):
     assert report["memorised_by_file"] == {"sample/part-0.parquet": 1}
     # the report itself holds counts and file names only
     assert canary not in json.dumps(report)
+
+
+def test_binary_artifacts_are_scanned_without_decoding_the_weights(tmp_path):
+    """Checkpoint metadata and pickled strings are caught; tensor bytes are not read as text."""
+    import torch
+    from safetensors.torch import save_file
+
+    canary = make_canary()
+    private = f"my doctor said the biopsy code {canary} means I should call back on monday"
+    run_dir = _run_dir(tmp_path, [private])
+    weights = {"w": torch.randn(64, 64)}
+    save_file(weights, run_dir.public("sft") / "clean.safetensors", metadata={"step": "3"})
+    save_file(
+        weights,
+        run_dir.public("sft") / "leaky.safetensors",
+        metadata={"note": f"example: biopsy code {canary} means I should call back"},
+    )
+    torch.save({"prompt": private, "w": weights["w"]}, run_dir.public("reward") / "state.pt")
+    report = scan(run_dir, min_tokens=6).to_dict()
+    assert report["leaks_by_file"] == {"sft/leaky.safetensors": 1, "reward/state.pt": 1}

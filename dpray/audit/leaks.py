@@ -95,9 +95,66 @@ def _json_strings(value) -> Iterator[str]:
             yield from _json_strings(item)
 
 
-def strings_of(path: Path) -> Iterator[tuple[str, bool]]:
-    """(string, is_structured_value) pairs of a file: cells, JSON values, or the whole text."""
+SNIFF_BYTES = 8192
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KiB: weights, archives, images (text files have none)."""
+    with path.open("rb") as handle:
+        return b"\x00" in handle.read(SNIFF_BYTES)
+
+
+def safetensors_header(path: Path) -> dict | None:
+    """The JSON header of a ``.safetensors`` file (tensor index and ``__metadata__``), or None.
+
+    The rest of the file is raw tensor data; the header is the only place text can sit.
+    """
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 0 < size <= MAX_SAFETENSORS_HEADER:
+            return None
+        try:
+            return json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+
+def printable_runs(path: Path, min_chars: int) -> Iterator[str]:
+    """Runs of at least ``min_chars`` printable ASCII characters in a binary file (like ``strings``).
+
+    Pickled checkpoints, zip archives and the like keep their strings as plain bytes; a run of
+    ``min_tokens`` words needs at least ``2 * min_tokens - 1`` characters, so shorter runs cannot
+    hold a match.  (ASCII only: a UTF-8-aware pattern is five times slower on weight files, and
+    non-ASCII text still leaves its ASCII stretches to be matched.)
+    """
+    import mmap
+
+    if path.stat().st_size == 0:
+        return
+    pattern = re.compile(rb"[\t\n\r\x20-\x7e]{%d,}" % max(1, min_chars))
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for match in pattern.finditer(mm):
+            yield match.group().decode("ascii")
+
+
+def strings_of(path: Path, min_tokens: int = 12) -> Iterator[tuple[str, bool]]:
+    """(string, is_structured_value) pairs of a file: cells, JSON values, or the whole text.
+
+    Binary files give their ``.safetensors`` header values or their printable runs: decoding
+    hundreds of megabytes of weights as text would find nothing and take minutes.
+    """
     suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        header = safetensors_header(path)
+        if header is not None:
+            for value in _json_strings(header):
+                yield value, True
+            return
+    if suffix != ".parquet" and is_binary(path):
+        for run in printable_runs(path, 2 * min_tokens - 1):
+            yield run, False
+        return
     if suffix == ".parquet":
         table = pq.read_table(path)
         for column in table.columns:
@@ -161,7 +218,7 @@ def scan(run_dir: RunDir, min_tokens: int = 12, extra_files: Iterable[Path] = ()
         )
         generated = rel.split("/", 1)[0] in GENERATION_DIRS and path.suffix == ".parquet"
         hits = 0
-        for value, structured in strings_of(path):
+        for value, structured in strings_of(path, min_tokens):
             if structured and index.exact(value):
                 hits += 1
             else:

@@ -95,6 +95,9 @@ def training_kwargs(plan: dict, output_dir: str) -> dict:
         "report_to": [],
         "use_cpu": not s["use_gpu"],
         "bf16": use_bf16(s["precision"], s["use_gpu"]),
+        "activation_checkpointing": (
+            s["use_gpu"] if s["activation_checkpointing"] is None else s["activation_checkpointing"]
+        ),
         "deepspeed": copy.deepcopy(plan["deepspeed"]),
         "disable_tqdm": True,
         "seed": plan["seed"],

@@ -266,7 +266,7 @@ def respond_all(
     seed: int,
     *,
     backend: str = "hf",
-    num_actors: int = 0,
+    num_actors: int | None = 0,
     endpoint: EndpointSettings | None = None,
 ) -> list[Completion]:
     """One response per instruction, in order (see the module docstring for determinism)."""
@@ -278,7 +278,7 @@ def respond_all(
     # Shortest first, so each batch pads its prompts to similar lengths; then back in order.
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     ordered = [instructions[i] for i in order]
-    plan = chunks(len(ordered), settings.batch_size * 4)
+    plan = chunks(len(ordered), settings.batch_size)  # one generate batch per chunk
     if num_actors == 0:
         local = LocalResponder(spec, settings, backend)
         results: list[Completion] = []
@@ -297,8 +297,12 @@ def _respond_on_ray(spec, instructions, settings, seed, backend, num_actors, pla
 
     from dpray.stages.sample.backends import cuda_available
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
     gpus = 1 if backend == "vllm" or cuda_available() else 0
+    resources = ray.cluster_resources()
+    if num_actors is None:  # one per GPU, else one single-threaded actor per core (see sample)
+        num_actors = max(1, int(resources.get("GPU" if gpus else "CPU", 1)))
+    num_actors = min(num_actors, len(plan))
+    cpus = max(1, int(resources.get("CPU", 1)) // num_actors)
     settings = GenerationSettings(**{**settings.to_dict(), "threads": settings.threads or cpus})
     items = [
         {"chunk": j, "start": start, "texts": list(instructions[start:stop])}
@@ -313,7 +317,7 @@ def _respond_on_ray(spec, instructions, settings, seed, backend, num_actors, pla
             "seed": seed,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(items))),
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus,
         num_gpus=gpus,
     )
