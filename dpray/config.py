@@ -454,10 +454,20 @@ class EvaluateConfig(Section):
         description="judge=reward_model: a reward model directory (default the reward stage's); "
         "judge=llm: a causal LM spec or an OpenAI-compatible URL.",
     )
+    llm_verdict: Literal["auto", "logprob", "text"] = Field(
+        "auto",
+        description="LLM judges: `logprob` reads a local judge's A/B token log-probabilities in "
+        "both orders and averages them (cancels position bias); `text` asks for a written "
+        "verdict in both orders and keeps agreeing ones (endpoints); auto: logprob for local "
+        "judge models, text for endpoints.",
+    )
     judge_name: str | None = Field(None, description="Endpoint judges: the `model` sent.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Endpoint judges: API key variable.")
     tie_margin: float = Field(
-        0.0, ge=0, description="reward_model: score differences up to this are ties."
+        0.0,
+        ge=0,
+        description="reward_model: score differences up to this are ties; logprob LLM judges: "
+        "debiased log-probability margins (nats) up to this are ties.",
     )
     max_new_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
     temperature: float = Field(0.0, ge=0, description="0: greedy answers.")

@@ -182,3 +182,18 @@ def test_evaluate_config_errors(tmp_path):
         _config(tmp_path, judge="llm")
     with pytest.raises(ConfigError, match="models"):
         _config(tmp_path, models=["base", "dpo"])
+
+
+def test_logprob_judge_is_antisymmetric_and_cancels_position_bias():
+    from dpray.stages.align.judges import LogprobJudge
+
+    judge = LogprobJudge(TINY, batch_size=2)
+    questions = ["Question one?", "Question two?", "Question three?"]
+    a = ["alpha beta", "the same answer", "x"]
+    b = ["gamma", "the same answer", "a much longer answer than the other one"]
+    ab, ba = judge.preferences(questions, a, b), judge.preferences(questions, b, a)
+    assert all(abs(x + y) < 1e-4 for x, y in zip(ab, ba, strict=True))
+    # identical answers: the raw margin is the judge's position bias, the average removes it
+    raw = judge.margins([(questions[1], a[1], b[1])])[0]
+    assert abs(raw) > 1e-6 and abs(ab[1]) < 1e-4
+    assert judge.compare(questions, a, b, tie_margin=1e-3)[1] == 0.5

@@ -167,7 +167,17 @@ def make_judge(config: DprayConfig, run_dir: RunDir):
     """``(compare(prompts, a, b) -> outcomes, description)``."""
     ec = config.evaluate
     if ec.judge == "llm":
-        from dpray.stages.align.judges import LLMJudge
+        from dpray.stages.align.judges import LLMJudge, LogprobJudge
+
+        verdict = ec.llm_verdict
+        if verdict == "auto":
+            verdict = "text" if is_endpoint(str(ec.judge_model)) else "logprob"
+        if verdict == "logprob":
+            if is_endpoint(str(ec.judge_model)):
+                raise ValueError("evaluate.llm_verdict: logprob needs a local judge model")
+            scorer = LogprobJudge(str(ec.judge_model), batch_size=ec.batch_size)
+            name = f"{describe(str(ec.judge_model))} (A/B log-probabilities, both orders)"
+            return (lambda p, a, b: scorer.compare(p, a, b, ec.tie_margin)), name
 
         endpoint = EndpointSettings(model_name=ec.judge_name, api_key_env=ec.api_key_env)
         judge = LLMJudge(str(ec.judge_model), endpoint=endpoint, backend=choose_backend(ec.backend))

@@ -30,6 +30,7 @@ from dpray.stages.sample.backends import Completion, SamplingSettings, derive_se
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,16 @@ def _respond_on_ray(spec, instructions, settings, seed, backend, num_actors, pla
         num_cpus=cpus,
         num_gpus=gpus,
     )
-    rows = sorted(ds.take_all(), key=lambda r: r["index"])
+    rows: list[dict] = []
+    start = last = time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows.extend(batch.to_pylist())
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S:  # counts only: the texts may be private
+            last = now
+            rate = len(rows) / (now - start)
+            log.info("generated %d/%d responses (%.2f/s)", len(rows), len(instructions), rate)
+    rows.sort(key=lambda r: r["index"])
     if len(rows) != len(instructions):
         raise RuntimeError(f"generation returned {len(rows)} rows for {len(instructions)} prompts")
     return [Completion(r["text"], bool(r["truncated"]), int(r["seed"])) for r in rows]

@@ -8,6 +8,11 @@ wins and 0.5 for a tie, which is what a win rate with ties counted half averages
   the chat template), so a reward model trained by ``dpray reward`` is read the way it learned.
 * :class:`LLMJudge` asks a judge LLM (local or endpoint) for a verdict in both orders and keeps
   it only when the two agree: LLM judges are known to favour whichever answer comes first.
+* :class:`LogprobJudge` reads a local judge LLM's next-token log-probabilities of ``A`` and
+  ``B`` in both orders and averages the two margins, which cancels a constant position bias
+  instead of discarding every verdict it touches.  A small judge that always answers "A" gives
+  nothing but ties under :class:`LLMJudge` (measured: SmolLM2-135M, 80 of 80 MT-bench pairs);
+  its residual preference survives here.
 """
 
 from __future__ import annotations
@@ -128,4 +133,79 @@ class LLMJudge:
         return [x if x == y else 0.5 for x, y in zip(first, second, strict=True)]
 
 
-__all__ = ["JUDGE_TEMPLATE", "LLMJudge", "RewardJudge", "parse_verdict"]
+class LogprobJudge:
+    """Position-debiased pairwise preference from a local judge LLM's verdict-token logits.
+
+    For each pair the judge sees :data:`JUDGE_TEMPLATE` as a user turn and its answer is opened
+    with ``[[``; the margin ``log p(A) - log p(B)`` of the next token is read with the pair in
+    both orders, and ``(margin(x, y) - margin(y, x)) / 2`` is the preference for ``x``.  A
+    judge biased towards one position by a constant shifts both margins alike, so the bias
+    cancels.  ``tie_margin`` (in nats) turns small preferences into ties.
+    """
+
+    def __init__(self, spec: str, batch_size: int = 8, max_length: int = 2048) -> None:
+        from dpray.stages.align.models import load_causal_lm
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model, self.tokenizer = load_causal_lm(spec, dtype=dtype, device=device)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.verdict_ids = [self._first_token(letter) for letter in ("A", "B")]
+        if self.verdict_ids[0] == self.verdict_ids[1]:
+            raise ValueError("the judge's tokenizer gives A and B the same first token")
+
+    def _first_token(self, text: str) -> int:
+        return int(self.tokenizer.encode(text, add_special_tokens=False)[0])
+
+    def encode(self, question: str, a: str, b: str) -> list[int]:
+        from dpray.stages.align.models import chat_prompt_ids
+
+        prompt = JUDGE_TEMPLATE.format(question=question, a=a, b=b)
+        ids = chat_prompt_ids(self.tokenizer, prompt)
+        ids += self.tokenizer.encode("[[", add_special_tokens=False)
+        return ids[-self.max_length :]
+
+    @torch.inference_mode()
+    def margins(self, triples: Sequence[tuple[str, str, str]]) -> list[float]:
+        """``log p(A) - log p(B)`` after ``[[`` for each (question, a, b)."""
+        encoded = [self.encode(*t) for t in triples]
+        pad = self.tokenizer.pad_token_id
+        pad = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        out: list[float] = []
+        for start in range(0, len(encoded), self.batch_size):
+            batch = encoded[start : start + self.batch_size]
+            width = max(len(ids) for ids in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(batch):  # left padding: the verdict is the next token
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                mask[row, width - len(seq) :] = 1
+            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # padding must not shift them
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+            ).logits[:, -1, :]
+            logp = logits.float().log_softmax(dim=-1)[:, self.verdict_ids]
+            out.extend((logp[:, 0] - logp[:, 1]).cpu().tolist())
+        return out
+
+    def preferences(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]
+    ) -> list[float]:
+        """Debiased preference for ``a`` over ``b`` per prompt (nats; > 0 favours ``a``)."""
+        forward = self.margins(list(zip(prompts, a, b, strict=True)))
+        swapped = self.margins(list(zip(prompts, b, a, strict=True)))
+        return [(f - s) / 2 for f, s in zip(forward, swapped, strict=True)]
+
+    def compare(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], tie_margin: float = 0.0
+    ) -> list[float]:
+        return [
+            0.5 if abs(p) <= tie_margin else float(p > 0) for p in self.preferences(prompts, a, b)
+        ]
+
+
+__all__ = ["JUDGE_TEMPLATE", "LLMJudge", "LogprobJudge", "RewardJudge", "parse_verdict"]
