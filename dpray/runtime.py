@@ -71,12 +71,22 @@ def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
         num_cpus=config.ray.num_cpus,
         # The dashboard process serves Ray's state API; without it Ray Train's placement-group
         # cleaner cannot see its controller and logs a warning every few seconds.  Loopback only.
-        include_dashboard=True,
+        # Only where ray[default] is installed (the vLLM environment has the minimal Ray).
+        include_dashboard=dashboard_available(),
         dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def dashboard_available() -> bool:
+    """Whether this Ray install can start its dashboard (``ray[default]`` dependencies)."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:  # a Ray without the helper: let it decide
+        return False
+    return get_dashboard_dependency_error() is None
 
 
 def shutdown_ray() -> None:
