@@ -84,7 +84,7 @@ BENCHMARKS: dict[str, dict] = {
         "what": "`dpray run jobs/smoke.yaml` end to end: seconds per stage, no-op rerun",
         "args": [],
         "quick": ["--stages", "ingest,train-generator"],
-        "timeout": 300,
+        "timeout": 480,  # two pipeline runs: ~270 s on 2 idle cores
         "headline": {
             "total seconds (not a ratio)": "total_seconds",
             "no-op rerun / first run (s)": "rerun_over_first",

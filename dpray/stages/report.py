@@ -282,7 +282,18 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
 
 
 def _public_inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
-    return [p for p in run_dir.public_files() if not p.is_relative_to(run_dir.root / "report")]
+    """What the report shows, minus what the pipeline rewrites after every run.
+
+    ``timings/`` gets this stage's own time when it finishes and ``audit/leaks.json`` is written
+    by the final leak scan; counting them would make every rerun redo the report.  ``dpray run``
+    rewrites the report after the leak scan anyway, so the final report is always current.
+    """
+    skip = (
+        run_dir.root / "report",
+        run_dir.root / "timings",
+        run_dir.root / "audit" / "leaks.json",
+    )
+    return [p for p in run_dir.public_files() if not any(p.is_relative_to(s) for s in skip)]
 
 
 STAGE = register(
