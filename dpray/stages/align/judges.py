@@ -28,6 +28,7 @@ from dpray.stages.align.generate import (
     respond_all,
 )
 from dpray.stages.align.models import chat_messages, load_reward_model
+from dpray.stages.sample.hf import left_pad
 
 
 class RewardJudge:
@@ -175,13 +176,8 @@ class LogprobJudge:
         pad = int(pad if pad is not None else self.tokenizer.eos_token_id)
         out: list[float] = []
         for start in range(0, len(encoded), self.batch_size):
-            batch = encoded[start : start + self.batch_size]
-            width = max(len(ids) for ids in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(batch):  # left padding: the verdict is the next token
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+            # left padding: the verdict is the next token after every row's last one
+            ids, mask = left_pad(encoded[start : start + self.batch_size], pad)
             positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # padding must not shift them
             logits = self.model(
                 input_ids=ids.to(self.device),
