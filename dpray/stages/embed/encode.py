@@ -8,26 +8,51 @@ process).  So rows are sorted by token length here, cut into blocks of whole bat
 result carries its row number so the output order never depends on Ray's scheduling.
 
 Why actors: loading the model costs seconds; an actor loads it once and keeps it for every batch.
+
+Why a traced encoder (``backend``): an actor that loads the model through sentence-transformers
+spends 7-8 s importing it before its first batch; the same model traced to TorchScript once per
+machine (``traced``) starts in ~1.5 s with identical outputs.  GPU actors use
+sentence-transformers.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-BATCHES_PER_BLOCK = 4
-"""Rows per Ray block = this many batches: small enough to balance actors, large enough that
-per-block overhead stays negligible."""
+BATCHES_PER_BLOCK = 1
+"""Rows per Ray block = this many batches.  One: blocks differ a lot in cost (sorted rows, and
+attention grows with length), and only small blocks let the pool even out the actors' work."""
+
+TASKS_IN_FLIGHT_PER_ACTOR = 2
+"""Blocks queued on an actor at once: two keep it busy between blocks; more would let the first
+actor to start claim a long run of blocks before the others are up."""
 
 
-def token_lengths(texts: list[str], model_path: str) -> np.ndarray:
-    """Token count of each text with the encoder's own (fast) tokenizer; characters if absent."""
+def token_lengths(
+    texts: list[str], model_path: str, tokenizer_file: Path | None = None
+) -> np.ndarray:
+    """Token count of each text with the encoder's own (fast) tokenizer; characters if absent.
+
+    ``tokenizer_file``: a saved ``tokenizers`` tokenizer (the traced encoder's), which loads in
+    milliseconds where ``AutoTokenizer`` first imports transformers (~1 s).
+    """
     try:
+        if tokenizer_file is not None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+            return np.fromiter((len(e.ids) for e in encoded), np.int64, len(texts))
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
@@ -41,25 +66,82 @@ def token_lengths(texts: list[str], model_path: str) -> np.ndarray:
 class EncoderActor:
     """A Ray Data callable class: loads the encoder once, embeds batches of ``text``."""
 
-    def __init__(self, model_path: str, batch_size: int, device: str, threads: int) -> None:
-        import torch
-
-        from dpray.models import load_sentence_encoder
-
-        if device == "cpu":
-            torch.set_num_threads(max(1, threads))
-        self.model = load_sentence_encoder(model_path, device=device)
+    def __init__(
+        self,
+        model_path: str,
+        batch_size: int,
+        device: str,
+        threads: int,
+        backend: str = "sentence-transformers",
+    ) -> None:
         self.batch_size = batch_size
+        self.encode = make_encoder(model_path, device, threads, backend)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        vectors = self.model.encode(
-            list(batch["text"]),
-            batch_size=self.batch_size,
+        vectors = self.encode(list(batch["text"]), self.batch_size)
+        return {"row": batch["row"], "embedding": np.asarray(vectors, dtype=np.float32)}
+
+
+BACKENDS = ("auto", "traced", "sentence-transformers")
+
+
+def make_encoder(
+    model_path: str, device: str, threads: int, backend: str
+) -> Callable[[list[str], int], np.ndarray]:
+    """``encode(texts, batch_size)`` -> L2-normalised float32 rows, on a resolved backend."""
+    if backend == "traced":
+        from dpray.stages.embed.traced import TracedSentenceEncoder, ensure_traced_encoder
+
+        # A cache hit on the driver's node; on another node of a cluster, traced there once.
+        entry = ensure_traced_encoder(model_path)
+        return TracedSentenceEncoder(entry, threads).encode
+    if backend != "sentence-transformers":
+        raise ValueError(f"unresolved embedding backend {backend!r}")
+    import torch
+
+    from dpray.models import load_sentence_encoder
+
+    if device == "cpu":
+        torch.set_num_threads(max(1, threads))
+    model = load_sentence_encoder(model_path, device=device)
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.encode(
+            texts,
+            batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return {"row": batch["row"], "embedding": np.asarray(vectors, dtype=np.float32)}
+
+    return encode
+
+
+def resolve_backend(backend: str, model_path: str, use_gpu: bool) -> str:
+    """``traced`` or ``sentence-transformers``: the dispatch table of (backend, device).
+
+    =========================  =============================================  =====================
+    requested                  CPU                                            GPU
+    =========================  =============================================  =====================
+    ``sentence-transformers``  sentence-transformers                          sentence-transformers
+    ``traced``                 traced (error if the trace fails its check)    error
+    ``auto``                   traced if the trace checks out, else s-t       sentence-transformers
+    =========================  =============================================  =====================
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown embedding backend {backend!r}; choose from {BACKENDS}")
+    if backend == "sentence-transformers" or (backend == "auto" and use_gpu):
+        return "sentence-transformers"
+    if use_gpu:
+        raise ValueError("embedding backend 'traced' runs on CPU only; use 'auto' with GPUs")
+    from dpray.stages.embed.traced import ensure_traced_encoder
+
+    entry = ensure_traced_encoder(model_path)
+    if entry.verified:
+        return "traced"
+    if backend == "traced":
+        raise RuntimeError(f"embedding backend 'traced' is not usable here: {entry.reason}")
+    return "sentence-transformers"
 
 
 def default_num_actors(use_gpu: bool) -> int:
@@ -78,11 +160,12 @@ def embed_texts(
     num_actors: int | None = None,
     use_gpu: bool = False,
     sort_by_length: bool = True,
+    backend: str = "auto",
 ) -> np.ndarray:
     """(n, d) float32 L2-normalised embeddings of ``texts``, in input order, on Ray Data.
 
     Needs a connected Ray (the pipeline calls ``ensure_ray``).  ``sort_by_length=False`` exists
-    for the benchmark's file-order comparison only.
+    for the benchmark's file-order comparison only; ``backend`` as in :func:`resolve_backend`.
     """
     import ray
 
@@ -92,8 +175,16 @@ def embed_texts(
     actors = max(1, min(actors, math.ceil(len(texts) / batch_size)))
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = 1 if use_gpu else max(1, int(cpus // actors))
+    backend = resolve_backend(backend, model_path, use_gpu)
+    tokenizer_file = None
+    if backend == "traced":
+        from dpray.stages.embed.traced import ensure_traced_encoder
+
+        tokenizer_file = ensure_traced_encoder(model_path).tokenizer_file
     if sort_by_length:
-        order = np.argsort(token_lengths(texts, model_path), kind="stable")
+        # Longest first: the costly blocks are spread over the actors while all are busy, and
+        # the cheap tail evens out the finish (longest-processing-time-first scheduling).
+        order = np.argsort(-token_lengths(texts, model_path, tokenizer_file), kind="stable")
     else:
         order = np.arange(len(texts))
     block = batch_size * BATCHES_PER_BLOCK
@@ -113,10 +204,13 @@ def embed_texts(
             "batch_size": batch_size,
             "device": "cuda" if use_gpu else "cpu",
             "threads": threads,
+            "backend": backend,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR
+        ),
         num_cpus=0 if use_gpu else threads,
         num_gpus=1 if use_gpu else 0,
     )
@@ -130,5 +224,11 @@ def embed_texts(
         done += len(vectors)
     if out is None or done != len(texts):
         raise RuntimeError(f"embedding returned {done} of {len(texts)} rows")
-    log.info("embed: %d texts with %d actor(s), %d thread(s) each", len(texts), actors, threads)
+    log.info(
+        "embed: %d texts with %d %s actor(s), %d thread(s) each",
+        len(texts),
+        actors,
+        backend,
+        threads,
+    )
     return out

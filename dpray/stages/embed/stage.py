@@ -89,7 +89,14 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
             batch_texts.append(first_text[digest])
     encode_start = time.monotonic()
     if batch_texts:
-        vectors = embed_texts(batch_texts, model_path, ec.batch_size, ec.num_actors, ec.use_gpu)
+        vectors = embed_texts(
+            batch_texts,
+            model_path,
+            ec.batch_size,
+            ec.num_actors,
+            ec.use_gpu,
+            backend=ec.backend,
+        )
         for side in texts:
             rows = [i for i, (s, _) in enumerate(todo) if s == side]
             caches[side].add([todo[i][1] for i in rows], vectors[rows])

@@ -1,0 +1,122 @@
+"""The traced (TorchScript) encoder that embedding actors start from, and the backend dispatch.
+
+Oracle: ``SentenceTransformer.encode`` of the same directory.  No Ray here; the Ray pipeline runs
+the traced backend in ``test_embed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpray.config import ConfigError, config_from_tree
+from dpray.models import load_sentence_encoder, make_tiny_sentence_encoder
+from dpray.stages.embed import traced
+from dpray.stages.embed.encode import resolve_backend, token_lengths
+from dpray.stages.embed.traced import TracedSentenceEncoder, ensure_traced_encoder
+
+TEXTS = [
+    "How do I bake sourdough bread at home?",
+    "x",
+    "",
+    "Tell me a long story about a dragon. " * 60,  # past the tiny model's 128 tokens
+    "ÉCRIS UN POÈME sur la mer, s'il te plaît",
+    "Translate 'good morning' into Japanese: おはよう",
+    "  spaces around  ",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    return make_tiny_sentence_encoder(tmp_path_factory.mktemp("enc") / "tiny", hidden_size=32)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPRAY_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_trace_equals_sentence_transformers_and_is_made_once(tiny_encoder, cache):
+    entry = ensure_traced_encoder(tiny_encoder)
+    assert entry.verified, entry.reason
+    assert entry.directory.parent == cache / "encoders"
+    assert entry.max_abs_diff is not None and entry.max_abs_diff <= traced.TOLERANCE
+    reference = load_sentence_encoder(str(tiny_encoder)).encode(
+        TEXTS, batch_size=5, normalize_embeddings=True, show_progress_bar=False
+    )
+    for batch_size in (1, 4, 64):
+        mine = TracedSentenceEncoder(entry).encode(TEXTS, batch_size=batch_size)
+        assert mine.dtype == np.float32 and mine.shape == reference.shape
+        assert np.abs(mine - reference).max() < 1e-5
+    meta = entry.directory / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    again = ensure_traced_encoder(tiny_encoder)
+    assert again == entry and meta.stat().st_mtime_ns == stamp  # a cache hit, not a re-trace
+    assert resolve_backend("auto", str(tiny_encoder), use_gpu=False) == "traced"
+
+
+def test_a_model_the_trace_cannot_reproduce_is_refused_and_auto_falls_back(tmp_path, cache):
+    """A default prompt is text that sentence-transformers adds before tokenising; the traced
+    graph never sees it, so the check must catch the difference and keep the model on
+    sentence-transformers."""
+    model = make_tiny_sentence_encoder(tmp_path / "prompted", hidden_size=32)
+    config_file = model / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config.update(prompts={"query": "query: ", "document": ""}, default_prompt_name="query")
+    config_file.write_text(json.dumps(config))
+
+    entry = ensure_traced_encoder(model)
+    assert not entry.verified and "max |diff|" in entry.reason
+    assert ensure_traced_encoder(model) == entry  # the verdict is cached too
+    assert resolve_backend("auto", str(model), use_gpu=False) == "sentence-transformers"
+    with pytest.raises(RuntimeError, match="not usable"):
+        resolve_backend("traced", str(model), use_gpu=False)
+    with pytest.raises(ValueError, match="not usable"):
+        TracedSentenceEncoder(entry)
+
+
+def test_backend_dispatch_table(tiny_encoder, cache):
+    path = str(tiny_encoder)
+    assert resolve_backend("sentence-transformers", path, use_gpu=False) == "sentence-transformers"
+    assert resolve_backend("sentence-transformers", path, use_gpu=True) == "sentence-transformers"
+    assert resolve_backend("auto", path, use_gpu=True) == "sentence-transformers"
+    assert not (cache / "encoders").exists()  # none of those traced anything
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_backend("traced", path, use_gpu=True)
+    with pytest.raises(ValueError, match="unknown embedding backend"):
+        resolve_backend("onnx", path, use_gpu=False)
+
+
+def test_config_rejects_a_traced_encoder_on_gpus():
+    base = {"data": {"path": "demo://"}, "privacy": {"epsilon": 4.0, "delta": 1e-5}}
+    with pytest.raises(ConfigError, match="embed"):
+        config_from_tree({**base, "embed": {"backend": "traced", "use_gpu": True}})
+    assert config_from_tree({**base, "embed": {"use_gpu": True}}).embed.backend == "auto"
+
+
+def test_token_lengths_from_the_saved_tokenizer_match_the_models(tiny_encoder, cache):
+    entry = ensure_traced_encoder(tiny_encoder)
+    fast = token_lengths(TEXTS, str(tiny_encoder), entry.tokenizer_file)
+    slow = token_lengths(TEXTS, str(tiny_encoder))
+    assert fast.tolist() == slow.tolist()
+    assert fast.max() > 128  # untruncated: the sort sees true lengths
+
+
+def test_importing_the_embedding_actor_does_not_import_every_stage():
+    """A Ray actor unpickles its class by importing its module; importing ``dpray.stages`` used
+    to import every stage (torch, TRL, DeepSpeed): ~5 s per actor process."""
+    code = (
+        "import sys, dpray.stages.embed.encode, dpray.stages; "
+        "heavy = [m for m in ('torch', 'trl', 'deepspeed', 'sentence_transformers') "
+        "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    from dpray.stages import STAGE_ORDER, STAGES
+
+    assert set(STAGE_ORDER) == set(STAGES)
