@@ -63,7 +63,7 @@ BENCHMARKS: dict[str, dict] = {
     "embed": {
         "module": "benchmarks.embed",
         "what": "embedding: Ray Data pipeline of `dpray embed` vs bare model.encode",
-        "args": ["--n", "2000"],
+        "args": ["--n", "3000"],
         "quick": ["--n", "200"],
         "timeout": 300,
         "headline": {"Ray pipeline / bare encode (texts/s)": "ray.ratio_to_bare"},
