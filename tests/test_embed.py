@@ -49,8 +49,10 @@ def tiny_encoder(tmp_path_factory):
 def _texts(name: str, start: int, count: int) -> list[str]:
     """Real human-written instructions from ../shared/data, or made-up ones without it."""
     path = SHARED_DATA / name
-    if not path.exists():
-        return [f"instruction {i} " + "word " * (i % 17) for i in range(start, start + count)]
+    if not path.exists():  # made-up texts, distinct per file (real and synthetic must differ)
+        return [
+            f"{name} instruction {i} " + "word " * (i % 17) for i in range(start, start + count)
+        ]
     out = []
     with path.open() as handle:
         for index, line in enumerate(handle):
