@@ -168,7 +168,7 @@ def _configure_logging(level: int) -> None:
     logger.setLevel(level)
     logger.propagate = False
     if not any(getattr(h, "_dpray", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         )
@@ -176,11 +176,32 @@ def _configure_logging(level: int) -> None:
         logger.addHandler(handler)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the one at set-up:
+    pytest and notebooks swap (and close) it, and a bound stream then fails on every record."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
 def _log_to_file(run_dir: RunDir) -> None:
-    """Also log to RUN_DIR/private/logs/dpray.log (private zone: logs may name file:line)."""
+    """Also log to RUN_DIR/private/logs/dpray.log (private zone: logs may name file:line).
+
+    One such handler at a time: a process that runs several commands (tests, notebooks) must not
+    keep writing one run's records into an earlier run's log."""
+    logger = logging.getLogger("dpray")
+    for old in [h for h in logger.handlers if getattr(h, "_dpray_file", False)]:
+        logger.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(run_dir.logs / "dpray.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("dpray").addHandler(handler)
+    handler._dpray_file = True  # noqa: SLF001
+    logger.addHandler(handler)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:

@@ -67,3 +67,34 @@ def test_help_exits_zero(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
+
+
+def test_logging_follows_a_swapped_stderr_and_keeps_one_run_log(tmp_path, monkeypatch):
+    """In-process callers (pytest, notebooks) swap and close ``sys.stderr``; dpray's handler must
+    write to the current one.  And a second command in the same process logs to its own run's
+    private log only."""
+    import io
+    import logging
+
+    from dpray.cli import _configure_logging, _log_to_file
+    from dpray.rundir import RunDir
+
+    _configure_logging(logging.INFO)
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logging.getLogger("dpray.test").info("one")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("dpray.test").info("two")
+    assert "two" in second.getvalue() and "Logging error" not in second.getvalue()
+
+    runs = [RunDir(tmp_path / "a"), RunDir(tmp_path / "b")]
+    for run in runs:
+        run.logs.mkdir(parents=True, exist_ok=True)
+        _log_to_file(run)
+    logging.getLogger("dpray.test").info("for b only")
+    logger = logging.getLogger("dpray")
+    assert sum(getattr(h, "_dpray_file", False) for h in logger.handlers) == 1
+    assert "for b only" in (runs[1].logs / "dpray.log").read_text()
+    assert "for b only" not in (runs[0].logs / "dpray.log").read_text()
