@@ -29,7 +29,6 @@ under a file lock, so the actors of one node trace at most once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -126,14 +125,11 @@ def _versions() -> dict[str, str]:
 
 
 def trace_key(model_path: str | Path) -> str:
-    """Cache key: every file (name, size, mtime) of the model directory, versions, format."""
-    root = Path(model_path).resolve()
-    digest = hashlib.sha256(f"{root}|{FORMAT_VERSION}|{sorted(_versions().items())}".encode())
-    for item in sorted(root.rglob("*")):
-        if item.is_file():
-            stat = item.stat()
-            digest.update(f"{item.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+    """Cache key: the model directory's fingerprint (every file's name, size, mtime), versions,
+    format."""
+    from dpray.stages.embed.store import model_fingerprint
+
+    return model_fingerprint(model_path, extra=f"{FORMAT_VERSION}|{sorted(_versions().items())}")
 
 
 def trace_dir(model_path: str | Path, cache_dir: str | Path | None = None) -> Path:
