@@ -153,3 +153,95 @@ def test_progress_with_planned_bound_is_an_upper_bound(ledger):
     saved = json.loads(ledger.path.read_text())
     assert saved["events"][0]["steps"] == 199
     assert saved["spent"]["epsilon"] <= 3.0
+
+
+# ------------------------------------------------------------------ concurrent commands (#14)
+# Gaussian releases at sigma 4 compose (PLD, delta 1e-5) to 2.94 for 8 and 3.15 for 9: with a
+# target of 3.05 exactly eight fit, whoever spends them.
+CONCURRENT_SIGMA = 4.0
+CONCURRENT_TARGET = 3.05
+
+
+def _spend_many(path: str, stage: str, attempts: int, barrier, results) -> None:
+    """Child process: open the ledger, wait for the other one, then spend ``attempts`` times."""
+    ledger = Ledger.load(path)
+    barrier.wait()
+    spent = refused = 0
+    for _ in range(attempts):
+        try:
+            ledger.spend(GaussianEvent(stage, noise_multiplier=CONCURRENT_SIGMA))
+            spent += 1
+        except BudgetExceededError:
+            refused += 1
+    results.put((stage, spent, refused))
+
+
+def _concurrent_spends(path, attempts: int) -> dict[str, tuple[int, int]]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_spend_many, args=(str(path), stage, attempts, barrier, results))
+        for stage in ("stage-a", "stage-b")
+    ]
+    for proc in procs:
+        proc.start()
+    outcome = {}
+    for _ in procs:
+        stage, spent, refused = results.get(timeout=300)
+        outcome[stage] = (spent, refused)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return outcome
+
+
+def test_concurrent_spends_all_land_and_compose(tmp_path):
+    """Two commands spending on one run directory at once: no spend is lost (#14, defect 3)."""
+    path = tmp_path / "ledger.json"
+    Ledger.create(path, "instruction", CONCURRENT_TARGET, DELTA)
+    outcome = _concurrent_spends(path, attempts=4)
+    assert outcome == {"stage-a": (4, 0), "stage-b": (4, 0)}
+    data = json.loads(path.read_text())
+    assert sorted(e["stage"] for e in data["events"]) == ["stage-a"] * 4 + ["stage-b"] * 4
+    assert data["spent"]["epsilon"] == pytest.approx(recompute_pld(data["events"], DELTA), 1e-3)
+    assert data["spent"]["epsilon"] == pytest.approx(
+        Ledger.load(path).accounting([GaussianEvent("x", noise_multiplier=4.0)] * 8).epsilon
+    )
+
+
+def test_concurrent_overspend_is_refused(tmp_path):
+    """Each process alone could spend six; together only eight fit, and the rest are refused."""
+    path = tmp_path / "ledger.json"
+    Ledger.create(path, "instruction", CONCURRENT_TARGET, DELTA)
+    outcome = _concurrent_spends(path, attempts=6)
+    assert sum(spent for spent, _ in outcome.values()) == 8
+    assert sum(refused for _, refused in outcome.values()) == 4
+    data = json.loads(path.read_text())
+    assert len(data["events"]) == 8
+    assert data["spent"]["epsilon"] <= CONCURRENT_TARGET
+    assert recompute_pld(data["events"], DELTA) <= CONCURRENT_TARGET + 1e-3
+
+
+def test_stale_ledger_object_composes_with_the_file(ledger):
+    """A ledger loaded before another command spent must check against what is on disk now."""
+    stale = Ledger.load(ledger.path)
+    for _ in range(7):
+        ledger.spend(GaussianEvent("filter", noise_multiplier=4.0))
+    # seven on disk: 2.73; one more fits the target of 3, a second would not
+    stale.spend(GaussianEvent("other", noise_multiplier=4.0))
+    assert len(Ledger.load(ledger.path).events) == 8
+    with pytest.raises(BudgetExceededError):
+        stale.spend(GaussianEvent("other", noise_multiplier=4.0))
+    assert len(Ledger.load(ledger.path).events) == 8
+    # training progress from a stale object keeps the other stages' events too
+    ledger2 = Ledger.create(ledger.path.parent / "l2.json", "instruction", 3.0, DELTA)
+    stale2 = Ledger.load(ledger2.path)
+    ledger2.spend(GaussianEvent("filter", noise_multiplier=8.0))
+    stale2.record_progress(
+        PoissonSubsampledGaussianEvent(
+            "train-generator", noise_multiplier=1.0, sampling_rate=0.01, steps=5, run_id="r"
+        )
+    )
+    assert [e.stage for e in Ledger.load(ledger2.path).events] == ["filter", "train-generator"]

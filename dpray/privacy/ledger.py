@@ -12,21 +12,31 @@ File schema (stable, so tools can recompute it)::
     {"unit": "instruction", "target": {"epsilon": E, "delta": D},
      "spent": {"epsilon": e, "delta": D, "accountant": "pld", "rdp_epsilon": e2},
      "events": [{"stage": ..., "mechanism": ..., <mechanism fields>}, ...]}
+
+Concurrency: two commands on one run directory (``dpray filter`` while training runs, a rerun
+next to a report) each hold a :class:`Ledger` object.  Every change therefore takes an exclusive
+file lock (``.ledger.json.lock`` next to the ledger, ``filelock``), re-reads the file inside it,
+checks the new event against *what is on disk now* and replaces the file atomically (temp file
+in the same folder + ``os.replace``), so a spend composes with whatever another process wrote
+and readers never see half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import dp_accounting
 import numpy as np
+from filelock import FileLock
 
 from dpray.privacy.events import PrivacyEvent
 
@@ -38,6 +48,35 @@ EPS_TOLERANCE = 1e-9
 
 class BudgetExceededError(RuntimeError):
     """A spend was refused: composing it would exceed the target epsilon."""
+
+
+_LOCKS: dict[str, FileLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file guarding the ledger at ``path`` (hidden, next to it, always empty)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def ledger_lock(path: str | Path) -> Iterator[None]:
+    """Hold the ledger's exclusive lock (across processes and machines sharing the folder).
+
+    One ``FileLock`` per path and process, so nested use in one thread is re-entrant (two
+    ``flock`` handles in one process would wait on each other).  Blocks until the holder is done;
+    the OS drops the lock of a process that dies, so there are no stale locks.
+    """
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(lock_path(path))
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = FileLock(key)
+    with lock:
+        yield
 
 
 @dataclass(frozen=True)
@@ -116,23 +155,23 @@ class Ledger:
     def create(cls, path: str | Path, unit: str, epsilon: float, delta: float) -> Ledger:
         """Start a ledger, or reopen one with the same target (a rerun must not reset spends)."""
         path = Path(path)
-        if path.exists():
-            ledger = cls.load(path)
-            if (ledger.unit, ledger.target_epsilon) != (unit, float(epsilon)) or not math.isclose(
-                ledger.target_delta, delta, rel_tol=1e-9
-            ):
-                if ledger.events:
-                    raise BudgetExceededError(
-                        f"{path}: ledger has spends under a different target "
-                        f"(unit={ledger.unit}, epsilon={ledger.target_epsilon}, "
-                        f"delta={ledger.target_delta:.3g}); use a new run directory"
-                    )
-                ledger = cls(path, unit, epsilon, delta)
-                ledger.save()
+        with ledger_lock(path):
+            if path.exists():
+                ledger = cls.load(path)
+                same = (ledger.unit, ledger.target_epsilon) == (unit, float(epsilon))
+                if not (same and math.isclose(ledger.target_delta, delta, rel_tol=1e-9)):
+                    if ledger.events:
+                        raise BudgetExceededError(
+                            f"{path}: ledger has spends under a different target "
+                            f"(unit={ledger.unit}, epsilon={ledger.target_epsilon}, "
+                            f"delta={ledger.target_delta:.3g}); use a new run directory"
+                        )
+                    ledger = cls(path, unit, epsilon, delta)
+                    ledger._write()
+                return ledger
+            ledger = cls(path, unit, epsilon, delta)
+            ledger._write()
             return ledger
-        ledger = cls(path, unit, epsilon, delta)
-        ledger.save()
-        return ledger
 
     @classmethod
     def load(cls, path: str | Path) -> Ledger:
@@ -157,12 +196,33 @@ class Ledger:
         }
 
     def save(self, fast: bool = False, accounting: Accounting | None = None) -> None:
+        """Write this object's state as the ledger (under the lock).  Spends use :meth:`spend`
+        and :meth:`record_progress`, which compose with what is on disk instead."""
+        with ledger_lock(self.path):
+            self._write(fast=fast, accounting=accounting)
+
+    def _write(self, fast: bool = False, accounting: Accounting | None = None) -> None:
+        """Replace the file atomically (temp file in the same folder + rename); lock held."""
+        text = json.dumps(self.to_dict(fast=fast, accounting=accounting), indent=2) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.to_dict(fast=fast, accounting=accounting), handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _refresh(self) -> None:
+        """Adopt the ledger on disk (another process may have spent since we loaded); lock held."""
+        if not self.path.exists():
+            return
+        current = self.load(self.path)
+        self.unit = current.unit
+        self.target_epsilon = current.target_epsilon
+        self.target_delta = current.target_delta
+        self.events = current.events
 
     # ------------------------------------------------------------------------------ accounting
     def accounting(
@@ -210,10 +270,16 @@ class Ledger:
         return total
 
     def spend(self, event: PrivacyEvent) -> float:
-        """Check, then append ``event`` and write the ledger.  Returns the new total epsilon."""
-        total = self.check(event)
-        self.events = self._with(event, replace_run=False)
-        self.save()
+        """Check, then append ``event`` and write the ledger.  Returns the new total epsilon.
+
+        Under the ledger lock and against the file as it is now, so a concurrent command's
+        spends are composed with this one, never overwritten.
+        """
+        with ledger_lock(self.path):
+            self._refresh()
+            total = self.check(event)
+            self.events = self._with(event, replace_run=False)
+            self._write()
         return total
 
     def record_progress(
@@ -229,6 +295,14 @@ class Ledger:
         """
         if not event.run_id:
             raise ValueError("record_progress needs an event with a run_id")
+        # Per training step: one flock and a re-read of a small file; compositions are cached.
+        with ledger_lock(self.path):
+            self._refresh()
+            return self._record_progress(event, exact, bound)
+
+    def _record_progress(
+        self, event: PrivacyEvent, exact: bool, bound: PrivacyEvent | None
+    ) -> float:
         events = self._with(event, replace_run=True)
         if exact or bound is None:
             acc = self.accounting(events, fast=not exact)
@@ -243,7 +317,7 @@ class Ledger:
                 f"(delta={self.target_delta:.3g}); nothing was spent"
             )
         self.events = events
-        self.save(accounting=acc)
+        self._write(accounting=acc)
         return acc.epsilon
 
     def run_event(self, stage: str, run_id: str) -> PrivacyEvent | None:
