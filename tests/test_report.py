@@ -13,7 +13,7 @@ import pytest
 from dpray.privacy.events import GaussianEvent, PoissonSubsampledGaussianEvent
 from dpray.privacy.ledger import Ledger
 from dpray.rundir import RunDir
-from dpray.stages.report import write_report
+from dpray.stages.report import SAMPLE_ROWS, write_report
 from tests.conftest import make_canary
 
 
@@ -54,6 +54,158 @@ def test_report_contents(run_dir):
     assert "has not run" in page  # missing stages are said, not fatal
     assert run_dir.secret not in page
     assert "http://" not in page and "https://" not in page  # nothing fetched from the web
+
+
+def _write_json(path, data):
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def full_run_dir(run_dir):
+    """The fixture's run plus every public output the summary reads."""
+    _write_json(
+        run_dir.public("generator") / "generator.json",
+        {"strategy": "dp_finetune", "format": "chat", "base_model": "tiny-base", "steps": 50},
+    )
+    _write_json(run_dir.public("sample") / "report.json", {"requested": 300, "written": 240})
+    texts = [f"MARKER instruction {i}" for i in range(SAMPLE_ROWS)]
+    texts += [f"plain instruction {i}" for i in range(75)]
+    pq.write_table(pa.table({"text": texts}), run_dir.public("filter") / "filtered.parquet")
+    _write_json(
+        run_dir.public("filter") / "metrics.json",
+        {
+            "evaluation": "heldout",
+            "note": "Computed from held-out real records without noise: NOT differentially "
+            "private.",
+            "heldout_records": 400,
+            "probe": {
+                "unfiltered": 0.81,
+                "filtered": 0.74,
+                "real_floor": 0.52,
+                "sample_size": 500,
+                "folds": 5,
+            },
+            "mauve": {"sample_size": 200, "unfiltered": 0.61, "filtered": 0.83, "real_floor": 0.97},
+            "fed": {
+                "sample_size": 200,
+                "fed": {"unfiltered": 0.3, "filtered": 0.2, "real_floor": 0.1},
+                "gap_closed": 0.5,
+                "gap_closed_bias_corrected": 0.375,
+            },
+        },
+    )
+    _write_json(
+        run_dir.public("evaluate") / "win_rates.json",
+        {
+            "instructions": 16,
+            "source": "heldout",
+            "judge": "reward_model",
+            "interval": "wilson",
+            "confidence": 0.95,
+            "models": ["base", "sft"],
+            "comparisons": {
+                "sft_vs_base": {
+                    "n": 16,
+                    "wins": 10,
+                    "ties": 0,
+                    "losses": 6,
+                    "win_rate": 0.625,
+                    "ci_low": 0.386,
+                    "ci_high": 0.818,
+                }
+            },
+        },
+    )
+    _write_json(
+        run_dir.public("audit") / "leaks.json",
+        {
+            "files_scanned": 17,
+            "private_texts_indexed": 1,
+            "min_tokens": 12,
+            "leaks_total": 2,
+            "leaks_by_file": {"sample/report.json": 2},
+            "memorised_total": 0,
+            "memorised_by_file": {},
+        },
+    )
+    return run_dir
+
+
+def _summary(page: str) -> str:
+    start, end = page.index('id="summary"'), page.index('id="details"')
+    assert start < end < page.index("<h2>Privacy ledger</h2>")  # summary first, details after
+    return page[start:end]
+
+
+def test_summary_leads_with_what_matters(full_run_dir):
+    page = write_report(full_run_dir).read_text()
+    summary = _summary(page)
+    spent = Ledger.load(full_run_dir.ledger_path).accounting().epsilon
+    assert f"ε {spent:.2f} <small>spent of 4.00</small>" in summary
+    assert "within target" in summary
+    assert "train-generator" in summary and "filter" in summary  # ε by stage
+    assert "dp_finetune" in summary and "<b>chat</b>" in summary
+    assert "100 <small>synthetic instructions" in summary and "240 sampled" in summary
+    assert "filtered <b>0.74</b> (unfiltered 0.81, real-vs-real 0.52)" in summary
+    assert "filtered <b>0.83</b> (unfiltered 0.61, real-vs-real 0.97)" in summary  # MAUVE
+    assert "<b>50%</b> (bias-corrected 38%)" in summary  # FED gap closed
+    assert "Non-DP evaluation on 400 held-out real records" in summary
+    assert "<b>0.62</b>, 95% CI 0.39–0.82, n=16" in summary
+    assert "2 leaks" in summary and 'class="badge bad"' in summary
+    assert "not measured" not in summary
+    # the long dumps fold away below the summary
+    assert page.index("<details>") > page.index('id="details"')
+    assert "<summary>Ledger events (2)" in page
+
+
+def test_summary_says_not_measured(run_dir):
+    summary = _summary(write_report(run_dir).read_text())
+    assert "spent of 4.00" in summary
+    assert "Distribution match" in summary and "not measured" in summary
+    assert "strategy" not in summary  # no generator.json: no strategy line
+    assert "The final leak scan has not run" in summary
+
+
+def test_summary_handles_partial_metrics(full_run_dir):
+    path = full_run_dir.root / "filter" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["probe"]
+    metrics["mauve"] = {"error": "mauve-text is not installed"}
+    metrics["fed"] = {"skipped": "too few records"}
+    _write_json(path, metrics)
+    summary = _summary(write_report(full_run_dir).read_text())
+    assert "0.5 = indistinguishable): not measured</li>" in summary
+    assert "not measured (mauve-text is not installed)" in summary
+    assert "not measured (too few records)" in summary
+    metrics["mauve"] = None
+    _write_json(path, metrics)
+    summary = _summary(write_report(full_run_dir).read_text())
+    assert "MAUVE (higher = closer to real): not measured</li>" in summary
+    _write_json(path, {"heldout_records": 10, "skipped": "too few held-out records"})
+    summary = _summary(write_report(full_run_dir).read_text())
+    assert "not measured (too few held-out records)" in summary
+
+
+def test_summary_flags_epsilon_over_target(run_dir):
+    data = json.loads(run_dir.ledger_path.read_text())
+    data["target"]["epsilon"] = 1.0  # a hand-edited or older ledger whose spends exceed it
+    run_dir.ledger_path.write_text(json.dumps(data))
+    summary = _summary(write_report(run_dir).read_text())
+    assert "spent of 1.00" in summary and "over target" in summary and "badge bad" in summary
+
+
+def _examples(page: str) -> str:
+    start = page.index("<h2>Synthetic instructions")
+    return page[start : page.index("</ol>", start)]
+
+
+def test_examples_are_a_seeded_random_sample(full_run_dir):
+    first = _examples(write_report(full_run_dir).read_text())
+    assert f"a random sample of {SAMPLE_ROWS} of 100 (filtered set)" in first
+    assert first.count("<li>") == SAMPLE_ROWS
+    assert first.count("MARKER") < SAMPLE_ROWS  # not simply the first rows
+    assert "plain instruction" in first
+    assert _examples(write_report(full_run_dir).read_text()) == first  # same on every render
 
 
 @pytest.mark.browser

@@ -4,6 +4,11 @@ Reads only public artifacts of a run (the ledger, stage reports, DP outputs, eva
 aggregates) and writes ``RUN_DIR/report/index.html`` with every plot inlined as a PNG data URI, so
 the file can be mailed or attached to a ticket.  Sections for stages that have not run say so
 instead of failing.  Nothing under ``private/`` is read: the report is as public as its inputs.
+
+The page leads with an "at a glance" summary -- ε spent of the target, the generator, how many
+synthetic instructions, distribution match, win rates, the leak scan -- and puts the details
+below it, long key/value dumps folded into ``<details>`` blocks.  The example instructions are a
+seeded random sample of the filtered set (the same on every render of a run), not its first rows.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import base64
 import html
 import io
 import json
+import math
+import random
 from pathlib import Path
 
 from dpray.config import DprayConfig
@@ -20,6 +27,8 @@ from dpray.rundir import RunDir, read_json
 from dpray.stages.base import Stage, StageResult, register
 
 SAMPLE_ROWS = 25
+SAMPLE_SEED = 0  # fixed: the examples shown are the same on every render of a run
+EPS_TOLERANCE = 1e-9
 
 
 def _png(fig) -> str:
@@ -58,6 +67,11 @@ def _missing(what: str) -> str:
     return f'<p class="missing">{html.escape(what)} has not run in this run directory.</p>'
 
 
+def _details(summary: str, body: str) -> str:
+    """A folded block: long key/value dumps stay out of the way until asked for."""
+    return f"<details><summary>{html.escape(summary)}</summary>{body}</details>"
+
+
 def _plt():
     import matplotlib
 
@@ -65,6 +79,252 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _load(path: Path):
+    """A public JSON file, or None when it is absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _number(value) -> float | None:
+    """``value`` as a finite float, or None (absent, None, NaN, a string, a dict...)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _eps(value: float) -> str:
+    if not math.isfinite(value):
+        return "∞"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
+
+
+def _rows(path: Path) -> int | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def _card(
+    title: str,
+    headline: str | None,
+    lines: list[str],
+    badge: tuple[str, str] | None = None,
+    note: str | None = None,
+) -> str:
+    """One summary card; ``headline``, ``lines`` and ``note`` are HTML (callers escape)."""
+    mark = f' <span class="badge {badge[0]}">{html.escape(badge[1])}</span>' if badge else ""
+    top = f'<p class="headline">{headline}{mark}</p>' if headline else ""
+    items = "".join(f"<li>{line}</li>" for line in lines)
+    tail = f'<p class="note">{note}</p>' if note else ""
+    return f'<div class="card"><h3>{html.escape(title)}</h3>{top}<ul>{items}</ul>{tail}</div>'
+
+
+def _nowrap(text: str) -> str:
+    return f'<span class="nw">{html.escape(text)}</span>'
+
+
+def _why_not(value) -> str | None:
+    """Why a metric block holds no numbers (``"not measured (...)"``), or None when it does."""
+    if isinstance(value, dict):
+        for key in ("error", "skipped"):
+            if key in value:
+                return f"not measured ({value[key]})"
+        return None
+    return "not measured"
+
+
+def summary_privacy(run_dir: RunDir) -> str:
+    if not run_dir.ledger_path.exists():
+        return _card("Privacy", "not measured", ["Ingestion has not run: there is no ledger."])
+    ledger = Ledger.load(run_dir.ledger_path)
+    acc = ledger.accounting()
+    target = ledger.target_epsilon
+    if not math.isfinite(acc.epsilon):
+        badge = ("bad", "not DP: a step without noise")
+    elif acc.epsilon > target + EPS_TOLERANCE:
+        badge = ("bad", "over target")
+    else:
+        badge = ("ok", "within target")
+    headline = f"ε {_eps(acc.epsilon)} <small>spent of {_eps(target)}</small>"
+    lines = [
+        f"δ {ledger.target_delta:.3g} · unit <b>{html.escape(ledger.unit)}</b> · accountant "
+        f"{html.escape(acc.accountant)}"
+    ]
+    stages = ledger.per_stage()
+    if stages:
+        parts = " · ".join(_nowrap(f"{name} {_eps(eps)}") for name, eps in stages)
+        lines.append(f"ε by stage (each alone): {parts}")
+    else:
+        lines.append("Nothing spent yet.")
+    return _card("Privacy (DP guarantee)", headline, lines, badge)
+
+
+def summary_synthetic(run_dir: RunDir) -> str:
+    meta = _load(run_dir.root / "generator" / "generator.json")
+    meta = meta if isinstance(meta, dict) else {}
+    sampled = _load(run_dir.root / "sample" / "report.json")
+    written = sampled.get("written") if isinstance(sampled, dict) else None
+    filtered_path = run_dir.root / "filter" / "filtered.parquet"
+    filtered = _rows(filtered_path) if filtered_path.exists() else None
+    lines = []
+    if filtered is not None:
+        headline = f"{filtered:,} <small>synthetic instructions</small>"
+        kept = f"from {written:,} sampled candidates" if isinstance(written, int) else ""
+        lines.append(f"kept by the DP filter {kept}".rstrip())
+    elif isinstance(written, int):
+        headline = f"{written:,} <small>sampled candidates</small>"
+        lines.append("not filtered yet")
+    else:
+        headline = "none yet"
+        lines.append("Sampling has not run.")
+    generator = [
+        f"{label} <b>{html.escape(str(meta[key]))}</b>"
+        for key, label in (("strategy", "strategy"), ("format", "format"))
+        if meta.get(key) not in (None, "")
+    ]
+    if meta.get("base_model"):
+        generator.append(f"base model <code>{html.escape(str(meta['base_model']))}</code>")
+    if generator:
+        lines.append("Generator: " + " · ".join(generator))
+    return _card("Synthetic instructions", headline, lines)
+
+
+def _triple(block, digits: int = 2) -> str:
+    """``filtered X (unfiltered Y, real-vs-real Z)`` or why not measured."""
+    why = _why_not(block)
+    if why:
+        return why
+    filtered = _number(block.get("filtered"))
+    if filtered is None:
+        return "not measured"
+    others = [
+        f"{label} {value:.{digits}f}"
+        for key, label in (("unfiltered", "unfiltered"), ("real_floor", "real-vs-real"))
+        if (value := _number(block.get(key))) is not None
+    ]
+    tail = f" ({', '.join(others)})" if others else ""
+    return f"filtered <b>{filtered:.{digits}f}</b>{tail}"
+
+
+def _gap_closed(fed) -> str:
+    why = _why_not(fed)
+    if why:
+        return why
+    closed = _number(fed.get("gap_closed"))
+    if closed is None:
+        if "gap_closed" in fed and fed.get("gap_closed") is None and "fed" in fed:
+            return "undefined (unfiltered FED is already at the real-vs-real floor)"
+        return "not measured"
+    corrected = _number(fed.get("gap_closed_bias_corrected"))
+    tail = f" (bias-corrected {corrected:.0%})" if corrected is not None else ""
+    return f"<b>{closed:.0%}</b>{tail}"
+
+
+def summary_distribution(run_dir: RunDir) -> str:
+    metrics = _load(run_dir.root / "filter" / "metrics.json")
+    held = _number(metrics.get("heldout_records")) if isinstance(metrics, dict) else None
+    split = f"{int(held):,} held-out real records" if held else "the held-out real split"
+    note = (
+        f"Non-DP evaluation on {split}: for judging the filter only, not covered by the "
+        "privacy guarantee."
+    )
+    if not isinstance(metrics, dict):
+        return _card("Distribution match", "not measured", ["The filter has not run."], note=note)
+    if "skipped" in metrics or "error" in metrics:
+        return _card("Distribution match", "not measured", [_why_not(metrics)], note=note)
+    lines = [
+        f"Probe accuracy (real vs synthetic; 0.5 = indistinguishable): "
+        f"{_triple(metrics.get('probe'))}",
+        f"MAUVE (higher = closer to real): {_triple(metrics.get('mauve'))}",
+        f"FED gap closed by filtering: {_gap_closed(metrics.get('fed'))}",
+    ]
+    return _card("Distribution match", None, lines, note=note)
+
+
+def summary_win_rates(run_dir: RunDir) -> str:
+    data = _load(run_dir.root / "evaluate" / "win_rates.json")
+    comparisons = data.get("comparisons") if isinstance(data, dict) else None
+    if not isinstance(comparisons, dict) or not comparisons:
+        return _card("Win rate", "not measured", ["Evaluation has not run."])
+    confidence = _number(data.get("confidence"))
+    level = f"{confidence:.0%} " if confidence is not None else ""
+    lines = []
+    for key, result in comparisons.items():
+        name = html.escape(key.replace("_", " "))
+        rate = _number(result.get("win_rate")) if isinstance(result, dict) else None
+        if rate is None:
+            lines.append(f"{name}: not measured")
+            continue
+        low, high = _number(result.get("ci_low")), _number(result.get("ci_high"))
+        interval = (
+            f", {level}CI {low:.2f}–{high:.2f}" if low is not None and high is not None else ""
+        )
+        n = result.get("n")
+        count = f", n={n}" if isinstance(n, int) else ""
+        lines.append(f"{name}: <b>{rate:.2f}</b>{interval}{count}")
+    source = data.get("source")
+    where = (
+        "held-out real instructions"
+        if source == "heldout"
+        else f"<code>{html.escape(str(source))}</code>"
+    )
+    judge = html.escape(str(data.get("judge", "?")))
+    note = f"Judged by {judge} on {where}; ties count half. Non-DP evaluation."
+    return _card("Win rate", None, lines, note=note)
+
+
+def summary_leaks(run_dir: RunDir) -> str:
+    data = _load(run_dir.root / "audit" / "leaks.json")
+    if not isinstance(data, dict):
+        return _card("Leak scan", "not run", ["The final leak scan has not run."])
+    leaks = data.get("leaks_total")
+    memorised = data.get("memorised_total")
+    if not isinstance(leaks, int):
+        return _card("Leak scan", "not measured", ["audit/leaks.json has no leak count."])
+    if leaks > 0:
+        badge = ("bad", "private text in public files")
+    elif isinstance(memorised, int) and memorised > 0:
+        badge = ("warn", "memorised generations")
+    else:
+        badge = ("ok", "clean")
+    noun = "leak" if leaks == 1 else "leaks"
+    lines = [
+        f"{data.get('files_scanned', '?')} public files scanned for "
+        f"{data.get('private_texts_indexed', '?')} private texts "
+        f"(≥{data.get('min_tokens', '?')} tokens)"
+    ]
+    if isinstance(memorised, int):
+        lines.append(f"{memorised} synthetic generations reproduce a private instruction")
+    return _card("Leak scan", f"{leaks} {noun}", lines, badge)
+
+
+SUMMARY = [
+    summary_privacy,
+    summary_synthetic,
+    summary_distribution,
+    summary_win_rates,
+    summary_leaks,
+]
+
+
+def section_summary(run_dir: RunDir) -> str:
+    cards = "".join(build(run_dir) for build in SUMMARY)
+    return f'<section id="summary"><h2>At a glance</h2><div class="cards">{cards}</div></section>'
+
+
+# ------------------------------------------------------------------------------ details
 
 
 def section_ledger(run_dir: RunDir) -> str:
@@ -101,8 +361,10 @@ def section_ledger(run_dir: RunDir) -> str:
         summary
         + _img(_png(fig), "epsilon per stage")
         + _table(rows, ["stage", "ε"])
-        + "<h3>Events</h3>"
-        + _table(events, ["stage", "mechanism", "parameters"])
+        + _details(
+            f"Ledger events ({len(events)}): mechanism and noise parameters",
+            _table(events, ["stage", "mechanism", "parameters"]),
+        )
     )
 
 
@@ -123,6 +385,8 @@ def section_training(run_dir: RunDir) -> str:
     a2.set_ylabel("seconds per step")
     meta = read_json(meta_path) if meta_path.exists() else {}
     keys = [
+        "strategy",
+        "format",
         "units",
         "sampling_rate",
         "steps",
@@ -139,7 +403,8 @@ def section_training(run_dir: RunDir) -> str:
         "<p>The training loss is computed on private batches without DP, so it is kept in "
         "<code>private/train/metrics.jsonl</code> and not shown here.</p>"
     )
-    return _img(_png(fig), "training curves") + note + _table(rows, ["setting", "value"])
+    settings = _details(f"Generator settings ({len(rows)})", _table(rows, ["setting", "value"]))
+    return _img(_png(fig), "training curves") + note + (settings if rows else "")
 
 
 def section_filter(run_dir: RunDir) -> str:
@@ -150,14 +415,27 @@ def section_filter(run_dir: RunDir) -> str:
     metrics_path = folder / "metrics.json"
     if metrics_path.exists():
         metrics = read_json(metrics_path)
+        if isinstance(metrics, dict) and metrics.get("note"):
+            parts.append(f'<p class="note">{html.escape(str(metrics["note"]))}</p>')
         flat = _flatten(metrics)
-        parts.append("<h3>Distribution metrics</h3>")
-        parts.append(_table([[k, v] for k, v in flat], ["metric", "value"]))
+        parts.append(
+            _details(
+                f"All distribution metrics ({len(flat)} values, non-DP, held-out split)",
+                _table([[k, v] for k, v in flat], ["metric", "value"]),
+            )
+        )
     report = folder / "report.json"
     if report.exists():
-        parts.append("<h3>Filter report</h3>")
-        parts.append(_table([[k, v] for k, v in _flatten(read_json(report))], ["key", "value"]))
-    return "".join(parts) or _missing("DP filtering")
+        flat = _flatten(read_json(report))
+        parts.append(
+            _details(
+                f"Filter report ({len(flat)} values)",
+                _table([[k, v] for k, v in flat], ["key", "value"]),
+            )
+        )
+    if not parts:
+        return '<p class="missing">The DP filter wrote no evaluation metrics or plots.</p>'
+    return "".join(parts)
 
 
 def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
@@ -172,18 +450,45 @@ def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
-def section_samples(run_dir: RunDir) -> str:
+def sample_texts(texts: list[str], k: int = SAMPLE_ROWS, seed: int = SAMPLE_SEED) -> list[str]:
+    """A seeded random sample of ``k`` texts, in their file order: the same on every render."""
+    if len(texts) <= k:
+        return list(texts)
+    picked = sorted(random.Random(seed).sample(range(len(texts)), k))
+    return [texts[i] for i in picked]
+
+
+def section_samples(run_dir: RunDir) -> tuple[str, str]:
     import pyarrow.parquet as pq
 
+    title = "Synthetic instructions"
     filtered = run_dir.root / "filter" / "filtered.parquet"
     shards = sorted((run_dir.root / "sample").glob("*.parquet"))
-    source = filtered if filtered.exists() else (shards[0] if shards else None)
-    if source is None:
-        return _missing("Sampling")
-    texts = pq.read_table(source, columns=["text"]).column("text").to_pylist()[:SAMPLE_ROWS]
-    items = "".join(f"<li>{html.escape(t)}</li>" for t in texts)
-    where = source.relative_to(run_dir.root)
-    return f"<p>First {len(texts)} synthetic instructions from <code>{where}</code> (DP output).</p><ol>{items}</ol>"
+    sources = [filtered] if filtered.exists() else shards
+    if not sources:
+        return title, _missing("Sampling")
+    texts = [
+        t
+        for source in sources
+        for t in pq.read_table(source, columns=["text"]).column("text").to_pylist()
+    ]
+    shown = sample_texts(texts)
+    items = "".join(f"<li>{html.escape(str(t))}</li>" for t in shown)
+    which = "filtered set" if filtered.exists() else "unfiltered candidates"
+    where = ", ".join(
+        f"<code>{html.escape(str(s.relative_to(run_dir.root)))}</code>" for s in sources[:3]
+    )
+    where += ", …" if len(sources) > 3 else ""
+    if len(shown) < len(texts):
+        heading = f"{title}: a random sample of {len(shown)} of {len(texts)} ({which})"
+        note = (
+            f"<p>Drawn with a fixed seed ({SAMPLE_SEED}), so every render of this run shows the "
+            f"same ones, in file order, from {where} (DP output).</p>"
+        )
+    else:
+        heading = f"{title}: all {len(texts)} ({which})"
+        note = f"<p>From {where} (DP output).</p>"
+    return heading, f"{note}<ol>{items}</ol>"
 
 
 def section_evaluation(run_dir: RunDir) -> str:
@@ -192,8 +497,13 @@ def section_evaluation(run_dir: RunDir) -> str:
         return _missing("Evaluation")
     parts = [_file_img(p, p.stem) for p in sorted(folder.glob("*.png"))]
     for path in sorted(folder.glob("*.json")):
-        parts.append(f"<h3>{html.escape(path.stem)}</h3>")
-        parts.append(_table([[k, v] for k, v in _flatten(read_json(path))], ["key", "value"]))
+        flat = _flatten(read_json(path))
+        parts.append(
+            _details(
+                f"{path.stem} ({len(flat)} values)",
+                _table([[k, v] for k, v in flat], ["key", "value"]),
+            )
+        )
     return "".join(parts)
 
 
@@ -209,6 +519,18 @@ def section_audit(run_dir: RunDir) -> str:
             f"{data['memorised_total']} synthetic generations reproducing a private instruction "
             f"(≥{data['min_tokens']} tokens).</p>"
         )
+        for key, label in (
+            ("leaks_by_file", "Files with private text"),
+            ("memorised_by_file", "Files with memorised generations"),
+        ):
+            by_file = data.get(key) or {}
+            if by_file:
+                parts.append(
+                    _details(
+                        f"{label} ({len(by_file)})",
+                        _table([[k, v] for k, v in by_file.items()], ["file", "hits"]),
+                    )
+                )
     mia = folder / "mia.json"
     if mia.exists():
         data = read_json(mia)
@@ -239,17 +561,33 @@ def section_timings(run_dir: RunDir) -> str:
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(timings) + 1))
     ax.barh(list(timings), list(timings.values()), color="#8172b3")
     ax.set_xlabel("seconds")
-    return _img(_png(fig), "stage timings") + _table(
-        [[k, v] for k, v in timings.items()], ["stage", "seconds"]
+    return _img(_png(fig), "stage timings") + _details(
+        f"Seconds per stage ({len(timings)})",
+        _table([[k, v] for k, v in timings.items()], ["stage", "seconds"]),
     )
 
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #4c72b0} h2{margin-top:2em;color:#4c72b0}
+h2.part{border-bottom:1px solid #ccc;color:#222;margin-top:2.5em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 .missing{color:#888;font-style:italic} code{background:#f4f4f4;padding:1px 3px}
+.note{color:#555;font-size:.9em}
+#summary h2{margin-top:1em}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px;
+align-items:start}
+.card{border:1px solid #d0d7e2;border-radius:6px;padding:.6em .9em;background:#fafbfd}
+.card h3{margin:0 0 .3em;font-size:.85em;text-transform:uppercase;letter-spacing:.04em;color:#4c72b0}
+.card .headline{margin:.2em 0;font-size:1.35em;font-weight:600}
+.card .headline small{font-size:.65em;font-weight:normal;color:#555}
+.card .note{margin:.4em 0 0} .nw{white-space:nowrap}
+.card ul{margin:.3em 0 0;padding-left:1.1em;font-size:.9em} .card li{margin:.15em 0}
+.badge{font-size:.55em;font-weight:600;padding:2px 7px;border-radius:9px;vertical-align:middle}
+.badge.ok{background:#e3f4e6;color:#1e6b2e} .badge.warn{background:#fff1d6;color:#8a5a00}
+.badge.bad{background:#fde2e1;color:#a11d17}
+details{margin:.5em 0} summary{cursor:pointer;color:#4c72b0}
 """
 
 SECTIONS = [
@@ -264,9 +602,16 @@ SECTIONS = [
 
 
 def write_report(run_dir: RunDir) -> Path:
-    body = [f"<h1>dpray run report</h1><p><code>{html.escape(str(run_dir.root))}</code></p>"]
+    body = [
+        f"<h1>dpray run report</h1><p><code>{html.escape(str(run_dir.root))}</code></p>",
+        section_summary(run_dir),
+        '<h2 class="part" id="details">Details</h2>',
+    ]
     for title, build in SECTIONS:
-        body.append(f"<h2>{html.escape(title)}</h2>{build(run_dir)}")
+        built = build(run_dir)
+        if isinstance(built, tuple):  # a section whose heading depends on what it found
+            title, built = built
+        body.append(f"<h2>{html.escape(title)}</h2>{built}")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>dpray report</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
