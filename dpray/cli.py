@@ -20,7 +20,7 @@ from dpray.rundir import RunDir
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_BUDGET = 4
-EXIT_LEAK = 5
+EXIT_LEAK = 5  # private text in a public file: `dpray run` and `dpray audit leaks` alike
 RUN_DIR_COMMANDS = {"report"}  # stages whose command takes a run directory, not a config
 
 log = logging.getLogger("dpray")
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Scan every file outside private/ for private instruction text.",
         description="Counts exact and long-substring (>= N tokens) matches of private "
         "instructions in public files; matches in synthetic generations are reported as "
-        "memorisation. Exit 1 if anything outside the generations leaks.\n\n"
+        "memorisation. Exit 5 if anything outside the generations leaks (as `dpray run`); "
+        "exit 2 if RUN_DIR or its private index is missing or empty.\n\n"
         "reads:  RUN_DIR/private/ingest/*.parquet, every file outside RUN_DIR/private/, "
         "RUN_DIR/private/logs (as extra public-bound files)\n"
         "writes: RUN_DIR/audit/leaks.json (counts and file names only)",
@@ -241,18 +242,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_leaks(args: argparse.Namespace) -> int:
-    from dpray.audit.leaks import scan
+    from dpray.audit.leaks import open_run_dir, scan
     from dpray.rundir import write_json
 
-    run_dir = RunDir(args.run_dir)
-    logs = sorted(p for p in run_dir.logs.glob("*.log"))
+    run_dir = open_run_dir(args.run_dir)  # a missing run or private index fails; nothing created
+    logs = sorted((run_dir.private_root / "logs").glob("*.log"))
     report = scan(run_dir, min_tokens=args.min_tokens, extra_files=logs)
     path = write_json(run_dir.public("audit") / "leaks.json", report.to_dict())
     print(
         f"leak scan: {report.files_scanned} files, {report.leak_count} leaks, "
         f"{sum(report.memorised.values())} memorised generations -> {path}"
     )
-    return 1 if report.leak_count else 0
+    return EXIT_LEAK if report.leak_count else 0
 
 
 def _cmd_audit_mia(args: argparse.Namespace) -> int:
@@ -283,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    from dpray.audit.leaks import ScanInputError
     from dpray.pipeline import LeakError
     from dpray.stages.ingest import IngestError
 
     try:
         return args.handler(args)
+    except ScanInputError as exc:  # a scan with nothing to compare against is never a pass
+        print(f"dpray: leak scan: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"dpray: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

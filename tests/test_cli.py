@@ -9,6 +9,7 @@ import pytest
 
 from dpray.cli import build_parser, main
 from dpray.stages import STAGES
+from tests.conftest import make_canary
 
 
 def test_every_stage_has_a_subcommand_with_reads_and_writes(capsys):
@@ -98,3 +99,69 @@ def test_logging_follows_a_swapped_stderr_and_keeps_one_run_log(tmp_path, monkey
     assert sum(getattr(h, "_dpray_file", False) for h in logger.handlers) == 1
     assert "for b only" in (runs[1].logs / "dpray.log").read_text()
     assert "for b only" not in (runs[0].logs / "dpray.log").read_text()
+
+
+# ------------------------------------------------------------ `dpray audit leaks` (#14, defect 6)
+def _leak_run(root, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpray.rundir import RunDir
+
+    run_dir = RunDir(root)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([str(i) for i in range(len(texts))], pa.string()),
+                "text": pa.array(texts, pa.string()),
+            }
+        ),
+        run_dir.private("ingest") / "instructions.parquet",
+    )
+    return run_dir
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_audit_leaks_on_a_mistyped_run_dir_fails_and_creates_nothing(tmp_path, capsys):
+    typo = tmp_path / "runs" / "smoek"
+    code = main(["audit", "leaks", str(typo)])
+    assert code not in (0, 5)
+    line = _one_line_error(capsys)
+    assert "smoek" in line and "run directory" in line
+    assert not typo.exists() and not (tmp_path / "runs").exists()
+
+
+def test_audit_leaks_without_a_private_index_fails(tmp_path, capsys):
+    # a folder that exists but holds no run: nothing to compare against
+    bare = tmp_path / "bare"
+    (bare / "sample").mkdir(parents=True)
+    assert main(["audit", "leaks", str(bare)]) not in (0, 5)
+    assert "private" in _one_line_error(capsys)
+    assert sorted(p.name for p in bare.iterdir()) == ["sample"]  # no private/, no audit/
+    # an ingest that kept no instructions: an empty index would pass every file
+    empty = _leak_run(tmp_path / "empty", [])
+    assert main(["audit", "leaks", str(empty.root)]) not in (0, 5)
+    assert "empty" in _one_line_error(capsys)
+    assert not (empty.root / "audit").exists()
+
+
+def test_audit_leaks_exit_code_is_the_pipelines(tmp_path, capsys):
+    """A leak exits 5 from `dpray audit leaks`, as from `dpray run` (EXIT_LEAK)."""
+    from dpray.cli import EXIT_LEAK
+
+    canary = (
+        f"my card number is {make_canary()} and it was charged twice, "
+        "please cancel it today before the weekend"
+    )
+    run_dir = _leak_run(tmp_path / "run", [canary])
+    (run_dir.public("report") / "index.html").write_text("nothing private here")
+    assert main(["audit", "leaks", str(run_dir.root)]) == 0
+    (run_dir.public("report") / "index.html").write_text(f"<p>{canary}</p>")
+    capsys.readouterr()
+    assert main(["audit", "leaks", str(run_dir.root)]) == EXIT_LEAK == 5
+    assert "1 leaks" in capsys.readouterr().out

@@ -84,3 +84,18 @@ def test_binary_artifacts_are_scanned_without_decoding_the_weights(tmp_path):
     torch.save({"prompt": private, "w": weights["w"]}, run_dir.public("reward") / "state.pt")
     report = scan(run_dir, min_tokens=6).to_dict()
     assert report["leaks_by_file"] == {"sft/leaky.safetensors": 1, "reward/state.pt": 1}
+
+
+def test_scan_refuses_to_pass_on_an_empty_or_missing_index(tmp_path):
+    """A scan with nothing to compare against would report 0 leaks for anything (#14, defect 6)."""
+    import pytest
+
+    from dpray.audit.leaks import ScanInputError
+
+    missing = RunDir(tmp_path / "missing")
+    (missing.public("report") / "index.html").write_text("anything")
+    with pytest.raises(ScanInputError, match="private/ingest"):
+        scan(missing, min_tokens=6)
+    empty = _run_dir(tmp_path / "empty", [])
+    with pytest.raises(ScanInputError, match="empty"):
+        scan(empty, min_tokens=6)

@@ -73,13 +73,44 @@ class PrivateIndex:
         )
 
 
+class ScanInputError(RuntimeError):
+    """The scan has nothing to compare against: no run directory, or no or an empty private
+    index.  Never a pass: a scan over an empty index reports 0 leaks for anything."""
+
+
+def open_run_dir(path: str | Path) -> RunDir:
+    """An existing run directory with a private index, for a scan; creates nothing."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise ScanInputError(f"{root}: no such run directory (nothing was scanned)")
+    if not any((root / "private" / name).is_file() for name in PRIVATE_TABLES):
+        raise ScanInputError(_no_index(root))
+    return RunDir(root)
+
+
+def _no_index(root: Path) -> str:
+    return (
+        f"{root}: no private index ({root / 'private' / PRIVATE_TABLES[0]} is missing): not a "
+        "run directory, or `dpray ingest` has not run (nothing was scanned)"
+    )
+
+
 def build_index(run_dir: RunDir, min_tokens: int) -> PrivateIndex:
+    """Index the private instructions; :class:`ScanInputError` if there are none."""
     index = PrivateIndex(min_tokens)
-    for name in PRIVATE_TABLES:
-        path = run_dir.private_root / name
-        if path.exists():
+    tables = [run_dir.private_root / name for name in PRIVATE_TABLES]
+    if not any(path.is_file() for path in tables):
+        raise ScanInputError(_no_index(run_dir.root))
+    for path in tables:
+        if path.is_file():
             for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
-                index.add(text)
+                if text:
+                    index.add(text)
+    if index.size == 0:
+        raise ScanInputError(
+            f"{run_dir.root}: the private index under private/ingest/ is empty (0 instructions "
+            "with words): nothing to compare against (nothing was scanned)"
+        )
     return index
 
 
