@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Scan every file outside private/ for private instruction text.",
         description="Counts exact and long-substring (>= N tokens) matches of private "
         "instructions in public files; matches in synthetic generations are reported as "
-        "memorisation. Exit 5 if anything outside the generations leaks (as `dpray run`); "
-        "exit 2 if RUN_DIR or its private index is missing or empty.\n\n"
+        "memorisation; matches of text that stands in the run's public inputs (base model and "
+        "tokenizer files, the public evaluation set, templates) as public origin. Exit 5 if "
+        "anything else leaks (as `dpray run`); exit 2 if RUN_DIR or its private index is "
+        "missing or empty.\n\n"
         "reads:  RUN_DIR/private/ingest/*.parquet, every file outside RUN_DIR/private/, "
         "RUN_DIR/private/logs (as extra public-bound files)\n"
         "writes: RUN_DIR/audit/leaks.json (counts and file names only)",
@@ -122,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a run directory")
     p.add_argument("--min-tokens", type=int, default=12, help="substring length in tokens")
+    p.add_argument(
+        "--config",
+        help="the run's config: its model folders and evaluate.data_path are public inputs "
+        "(matches of their text are counted as public origin, not leaks); without it, the "
+        "models recorded in the run's outputs and the packaged defaults",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value of --config (repeatable)",
+    )
     p.set_defaults(handler=_cmd_audit_leaks)
 
     p = audit_sub.add_parser(
@@ -246,12 +262,14 @@ def _cmd_audit_leaks(args: argparse.Namespace) -> int:
     from dpray.rundir import write_json
 
     run_dir = open_run_dir(args.run_dir)  # a missing run or private index fails; nothing created
+    config = load_config(args.config, args.overrides) if args.config else None
     logs = sorted((run_dir.private_root / "logs").glob("*.log"))
-    report = scan(run_dir, min_tokens=args.min_tokens, extra_files=logs)
+    report = scan(run_dir, min_tokens=args.min_tokens, extra_files=logs, config=config)
     path = write_json(run_dir.public("audit") / "leaks.json", report.to_dict())
     print(
         f"leak scan: {report.files_scanned} files, {report.leak_count} leaks, "
-        f"{sum(report.memorised.values())} memorised generations -> {path}"
+        f"{sum(report.memorised.values())} memorised generations, "
+        f"{sum(report.public_origin.values())} of public origin -> {path}"
     )
     return EXIT_LEAK if report.leak_count else 0
 

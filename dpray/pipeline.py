@@ -97,17 +97,21 @@ class LeakError(RuntimeError):
 
 
 def final_leak_scan(config: DprayConfig, run_dir: RunDir) -> dict:
-    """Scan every public file (and the run's logs); fail on private text outside generations."""
+    """Scan every public file (and the run's logs); fail on private text outside generations
+    that does not already stand in the run's public inputs (see :mod:`dpray.audit.leaks`)."""
     from dpray.audit.leaks import scan
 
     logs = sorted(run_dir.logs.glob("*.log"))
-    report = scan(run_dir, min_tokens=config.audit.leak_min_tokens, extra_files=logs)
+    report = scan(run_dir, min_tokens=config.audit.leak_min_tokens, extra_files=logs, config=config)
     write_json(run_dir.public("audit") / "leaks.json", report.to_dict())
     log.info(
-        "leak scan: %d public files, %d leaks, %d memorised generations",
+        "leak scan: %d public files, %d leaks, %d memorised generations, "
+        "%d matches of text in the public inputs (%d files indexed; not leaks)",
         report.files_scanned,
         report.leak_count,
         sum(report.memorised.values()),
+        sum(report.public_origin.values()),
+        report.public_inputs,
     )
     if report.leak_count and config.audit.fail_on_leak:
         raise LeakError(

@@ -99,3 +99,96 @@ def test_scan_refuses_to_pass_on_an_empty_or_missing_index(tmp_path):
     empty = _run_dir(tmp_path / "empty", [])
     with pytest.raises(ScanInputError, match="empty"):
         scan(empty, min_tokens=6)
+
+
+# --------------------------------------------- public-origin text is not a leak (#14, defect 7)
+def _base_model(folder, vocab):
+    """A stand-in public base model: config.json and a tokenizer.json with ``vocab``."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    tokenizer = {
+        "added_tokens": [{"id": 0, "content": "<|im_start|>"}],
+        "model": {"type": "BPE", "vocab": {word: i for i, word in enumerate(vocab)}},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+def test_private_text_standing_in_the_base_model_is_public_origin(tmp_path):
+    """Short private prompts ("hello!") equal vocabulary entries of the base model's tokenizer,
+    which every fine-tuned model folder carries: public origin, not a leak.  A planted canary in
+    the same copied file still fails the run."""
+    import pytest
+
+    from dpray.config import config_from_tree
+    from dpray.pipeline import LeakError, final_leak_scan
+    from tests.conftest import base_tree
+
+    base = _base_model(tmp_path / "base", ["hello", "thanks", "Ġhello", "<|im_end|>"])
+    canary = (
+        f"my name is jane doe and my account number {make_canary()} was charged twice last week"
+    )
+    run_dir = _run_dir(tmp_path, ["hello!", "Thanks", canary])
+    tree = base_tree(run_dir.root, tmp_path / "unused.jsonl")
+    for key in ("train", "sft", "reward"):
+        tree[key] = {"model": str(base)}
+    config = config_from_tree(tree)
+    for stage in ("sft", "reward", "ppo"):
+        model = run_dir.public(stage) / "model"
+        model.mkdir()
+        (model / "tokenizer.json").write_text((base / "tokenizer.json").read_text())
+    report = final_leak_scan(config, run_dir)
+    assert report["leaks_total"] == 0
+    assert report["public_origin_total"] == 6  # hello and thanks, in three copied tokenizers
+    assert set(report["public_origin_by_file"]) == {
+        f"{stage}/model/tokenizer.json" for stage in ("sft", "reward", "ppo")
+    }
+    assert json.loads((run_dir.root / "audit" / "leaks.json").read_text())["leaks_total"] == 0
+    # `dpray audit leaks --config` knows the same public inputs
+    import yaml
+
+    from dpray.cli import main
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["audit", "leaks", str(run_dir.root), "--config", str(tmp_path / "run.yaml")]) == 0
+    # text of a public evaluation set (evaluate.data_path) is public origin too ...
+    (run_dir.public("evaluate") / "answers.json").write_text(json.dumps({"q": canary}))
+    public_set = tmp_path / "eval.jsonl"
+    public_set.write_text(json.dumps({"instruction": canary}) + "\n")
+    with_eval = config_from_tree(tree, [f"evaluate.data_path={public_set}"])
+    assert final_leak_scan(with_eval, run_dir)["leaks_total"] == 0
+    # ... but an "evaluation set" that is the private data itself excuses nothing
+    tree_private = {**tree, "data": {**tree["data"], "path": str(public_set)}}
+    same = config_from_tree(tree_private, [f"evaluate.data_path={public_set}"])
+    with pytest.raises(LeakError, match="evaluate/answers.json"):
+        final_leak_scan(same, run_dir)
+    (run_dir.public("evaluate") / "answers.json").unlink()
+    # the same file with a private sentence planted in it is still a leak
+    leaky = json.loads((base / "tokenizer.json").read_text())
+    leaky["note"] = canary
+    (run_dir.public("sft") / "model" / "tokenizer.json").write_text(json.dumps(leaky))
+    with pytest.raises(LeakError, match="sft/model/tokenizer.json"):
+        final_leak_scan(config, run_dir)
+
+
+def test_packaged_tokenizer_copy_is_public_origin_without_a_config(tmp_path, capsys):
+    """The reported case: `dpray audit leaks` on a run whose model folders carry SmolLM2's
+    tokenizer, with "hello!" among the private prompts (base models found without a config)."""
+    import pytest
+
+    from dpray.cli import main
+    from dpray.models import existing_model_dir
+
+    smollm2 = existing_model_dir("packaged:smollm2")
+    if smollm2 is None:
+        pytest.skip("packaged:smollm2 is not converted in this cache")
+    canary = f"please forward the wire transfer code {make_canary()} to my brother tomorrow at noon"
+    run_dir = _run_dir(tmp_path, ["hello!", canary])
+    model = run_dir.public("sft") / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_bytes((smollm2 / "tokenizer.json").read_bytes())
+    assert main(["audit", "leaks", str(run_dir.root)]) == 0
+    report = json.loads((run_dir.root / "audit" / "leaks.json").read_text())
+    assert report["leaks_total"] == 0 and report["public_origin_total"] >= 1
+    (run_dir.public("report") / "index.html").write_text(f"<p>{canary}</p>")
+    assert main(["audit", "leaks", str(run_dir.root)]) == 5

@@ -352,3 +352,19 @@ def test_tiny_spec_is_cached(tmp_path):
     assert resolve_causal_lm("tiny:hidden=32,seed=1", cache_dir=tmp_path) == first
     with pytest.raises(ModelSpecError, match="bad tiny model option"):
         resolve_causal_lm("tiny:width=3", cache_dir=tmp_path)
+
+
+def test_existing_model_dir_has_no_side_effects(tmp_path):
+    """What the leak scan indexes as public inputs: the resolved folder, only if already there."""
+    from dpray.models import existing_model_dir, resolve_causal_lm
+
+    assert existing_model_dir("tiny:hidden=32,seed=2", cache_dir=tmp_path) is None
+    assert not (tmp_path / "models").exists()  # nothing was built
+    built = resolve_causal_lm("tiny:hidden=32,seed=2", cache_dir=tmp_path)
+    assert existing_model_dir("tiny:hidden=32,seed=2", cache_dir=tmp_path) == built
+    assert existing_model_dir(str(built)) == built
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    assert existing_model_dir(str(gguf), cache_dir=tmp_path) is None  # not converted: None
+    for spec in ("https://api.example.com/v1", "packaged:nope", str(tmp_path / "missing"), None):
+        assert existing_model_dir(spec, cache_dir=tmp_path) is None

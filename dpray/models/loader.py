@@ -445,11 +445,7 @@ def resolve_causal_lm(spec: str | None = None, cache_dir: str | Path | None = No
     raise _unresolvable(spec, "generator", _ACCEPTED_GENERATOR_FORMS)
 
 
-def tiny_causal_lm_cached(spec: str, cache_dir: str | Path | None = None) -> Path:
-    """``tiny:`` or ``tiny:hidden=64,layers=2,heads=4,seed=0``: a cached tiny random Llama.
-
-    For CI-sized configs (jobs/smoke.yaml): real code paths, seconds instead of minutes.
-    """
+def _tiny_dir(spec: str, cache_dir: str | Path | None) -> tuple[Path, dict[str, int]]:
     options = {"hidden": 32, "layers": 2, "heads": 4, "seed": 0}
     body = spec[len(TINY_PREFIX) :].strip()
     for item in filter(None, (part.strip() for part in body.split(","))):
@@ -458,7 +454,55 @@ def tiny_causal_lm_cached(spec: str, cache_dir: str | Path | None = None) -> Pat
             raise ModelSpecError(f"bad tiny model option {item!r}; known: {sorted(options)}")
         options[key] = int(value)
     name = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
-    out = _cache_root(cache_dir) / "models" / name
+    return _cache_root(cache_dir) / "models" / name, options
+
+
+def existing_model_dir(spec: str | None, cache_dir: str | Path | None = None) -> Path | None:
+    """The local directory a generator or encoder ``spec`` resolves to, only if it exists now.
+
+    Like :func:`resolve_causal_lm` / :func:`resolve_sentence_encoder` without side effects: no
+    GGUF conversion, no tiny-model build, no hub access.  ``None`` for endpoint URLs, unknown
+    specs and anything not on disk yet (used to index a run's public inputs).
+    """
+    if not spec or spec.startswith(("http://", "https://")):
+        return None
+    try:
+        if spec.startswith(TINY_PREFIX):
+            out, _ = _tiny_dir(spec, cache_dir)
+            return out if _is_hf_model_dir(out) else None
+        if spec.startswith(PACKAGED_PREFIX):
+            which = spec[len(PACKAGED_PREFIX) :].strip().lower()
+            if which in PACKAGED_ENCODERS:
+                return packaged_minilm_dir()
+            if which not in PACKAGED_GENERATORS:
+                return None
+            gguf = packaged_smollm2_gguf()
+        else:
+            path = Path(spec).expanduser()
+            if path.is_dir() and (_is_hf_model_dir(path) or not _gguf_in_dir(path)):
+                return path
+            if path.is_dir():
+                gguf = _gguf_in_dir(path)
+            elif path.is_file() and path.suffix.lower() == ".gguf":
+                gguf = path
+            elif _HUB_NAME_RE.match(spec) and not path.exists():
+                snap = _hub_cached_snapshot(spec)
+                return snap if snap is not None and snap.is_dir() else None
+            else:
+                return None
+        converted = _converted_gguf_dir(gguf, cache_dir)
+        return converted if _is_complete(converted) else None
+    except (ModelSpecError, OSError):
+        return None
+
+
+def tiny_causal_lm_cached(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """``tiny:`` or ``tiny:hidden=64,layers=2,heads=4,seed=0``: a cached tiny random Llama.
+
+    For CI-sized configs (jobs/smoke.yaml): real code paths, seconds instead of minutes.
+    """
+    out, options = _tiny_dir(spec, cache_dir)
+    name = out.name
     if _is_hf_model_dir(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
