@@ -8,6 +8,7 @@ or location at fault, with a distinct exit code, and never quote private text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -215,7 +216,11 @@ def _log_to_file(run_dir: RunDir) -> None:
     for old in [h for h in logger.handlers if getattr(h, "_dpray_file", False)]:
         logger.removeHandler(old)
         old.close()
-    handler = logging.FileHandler(run_dir.logs / "dpray.log")
+    path = run_dir.logs / "dpray.log"
+    path.touch(mode=0o600)  # private zone: owner-only from the first record, whatever the umask
+    with contextlib.suppress(PermissionError):  # another user's run: their file, their mode
+        path.chmod(path.stat().st_mode & 0o700)
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler._dpray_file = True  # noqa: SLF001
     logger.addHandler(handler)
@@ -278,7 +283,10 @@ def _cmd_audit_mia(args: argparse.Namespace) -> int:
     from dpray.audit.mia import run_mia_audit
 
     config, run_dir = _load(args)
-    report = run_mia_audit(config, run_dir)
+    try:
+        report = run_mia_audit(config, run_dir)
+    finally:
+        run_dir.protect_private()  # the audit's models and data under private/audit/
     for name, result in report["results"].items():
         exposures = ", ".join(
             f"x{c['repeats']}: {c['exposure_bits']:.1f} bits" for c in result["canaries"]

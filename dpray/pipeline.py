@@ -67,7 +67,12 @@ def run_stage(
         ensure_ray(config, run_dir)
     log.info("%s: started", stage.name)
     start = time.monotonic()
-    result = stage.run(config, run_dir)
+    try:
+        result = stage.run(config, run_dir)
+    finally:
+        # Whatever the stage and its Ray workers wrote under private/, on whatever umask, ends
+        # up owner-only (the 0700 zone root already shut it off from everyone else meanwhile).
+        run_dir.protect_private()
     seconds = time.monotonic() - start
     marker = fingerprint(stage, config, run_dir)  # inputs hashed before outputs are trusted
     marker.update(
@@ -79,7 +84,7 @@ def run_stage(
             "outputs": result.outputs,
         }
     )
-    write_json(run_dir.marker(stage.name), marker)
+    write_json(run_dir.marker(stage.name), marker)  # mkstemp: 0600
     _record_timing(run_dir, stage.name, seconds)
     log.info("%s: finished in %.1f s", stage.name, seconds)
     return result

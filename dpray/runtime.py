@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from dpray.config import DprayConfig
-from dpray.rundir import RunDir
+from dpray.rundir import RunDir, owner_only_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def configure_caches(run_dir: RunDir) -> None:
 def ray_temp_dir(config: DprayConfig, run_dir: RunDir) -> Path:
     """Where a local Ray keeps its session: config, else ``RUN_DIR/private/.ray`` if short enough.
 
-    Inside ``private/`` because worker logs land there.
+    Inside ``private/`` because worker logs and spilled objects land there; the fallback under the
+    cache is made 0700 like the private zone (see :func:`ensure_ray`).
     """
     if config.ray.temp_dir:
         return Path(config.ray.temp_dir).expanduser().resolve()
@@ -64,7 +65,11 @@ def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     temp_dir = ray_temp_dir(config, run_dir)
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    # Session logs, spilled objects and Ray Train's staging hold private data: owner-only.  Our
+    # own folders (private/.ray, the cache fallback) are forced to 0700; a configured
+    # ray.temp_dir only when dpray creates it.
+    if not (config.ray.temp_dir and temp_dir.exists()):
+        owner_only_dir(temp_dir)
     log.info("starting a local Ray (session files in %s)", temp_dir)
     ray.init(
         _temp_dir=str(temp_dir),

@@ -186,3 +186,7 @@ def test_embed_then_filter_end_to_end_leaks_no_real_text(ray_local, tiny_encoder
     assert _canary_scan(run_dir, [real[1][:40]]) == []
     # ... while the scan does find what is there (it would catch a leak).
     assert _canary_scan(run_dir, [synthetic[0][:40]]) != []
+    # Ray actors wrote under their own umask; the private zone is still owner-only (#14)
+    from tests.test_ingest import _loose_paths
+
+    assert _loose_paths(run_dir.private_root) == []

@@ -267,3 +267,92 @@ def test_heldout_split_by_unit(tmp_path):
     assert {r["user_id"] for r in train}.isdisjoint({r["user_id"] for r in held})
     assert 0.1 < len(held) / 400 < 0.4
     assert summary["units"] == len({r["user_id"] for r in train})
+
+
+# ------------------------------------------------------- the private zone is owner-only (#14, 9)
+def _loose_paths(root) -> list[str]:
+    """Paths under ``root`` (itself included) with any group or other permission bit."""
+    import os
+    import stat
+
+    loose = []
+    for folder, dirs, files in os.walk(root):
+        for path in [folder] + [os.path.join(folder, name) for name in dirs + files]:
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077:
+                loose.append(f"{os.path.relpath(path, root)} {stat.S_IMODE(mode):o}")
+    return loose
+
+
+def test_private_zone_is_owner_only_whatever_the_umask(tmp_path, capsys):
+    """`dpray ingest` under the common umask 022: private/ is 0700 and nothing under it is
+    readable by group or others; the owner still reads the budget."""
+    import os
+    import stat
+
+    from dpray.cli import main
+
+    data = tmp_path / "mixed.jsonl"
+    mixed_file(data)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(user_tree(tmp_path, data)))
+    old = os.umask(0o022)
+    try:
+        assert main(["ingest", str(cfg)]) == 0
+        run_dir = RunDir(tmp_path / "run")
+        private = run_dir.private_root
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        assert (private / "ingest" / "instructions.parquet").is_file()
+        assert (private / "logs" / "dpray.log").is_file()
+        assert _loose_paths(private) == []
+        assert main(["budget", str(run_dir.root)]) == 0
+        assert "remaining" in capsys.readouterr().out
+        # a new stage folder, and a private zone left 0755 by an older dpray, are tightened
+        private.chmod(0o755)
+        RunDir(run_dir.root).private("embed")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        assert _loose_paths(private) == []
+    finally:
+        os.umask(old)
+
+
+def test_private_root_is_0700_even_with_umask_000(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        run_dir = RunDir(tmp_path / "run")
+        folder = run_dir.private("train") / "checkpoints"
+        folder.mkdir()  # a stage's own mkdir under the umask: the zone root still shuts it in
+        assert stat.S_IMODE(run_dir.private_root.stat().st_mode) == 0o700
+        assert stat.S_IMODE(run_dir.private("train").stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
+
+
+def test_local_ray_session_folder_is_owner_only(tmp_path, monkeypatch):
+    """Ray's session folder (worker logs, spilled objects) is 0700 under the common umask, in
+    private/.ray or in the cache fallback for long run paths."""
+    import os
+    import stat
+
+    import ray
+
+    from dpray import runtime
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setenv("DPRAY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = config_from_tree(base_tree(tmp_path / "run", tmp_path / "d.jsonl"))
+    run_dir = RunDir(config.run_dir)
+    old = os.umask(0o022)
+    try:
+        runtime.ensure_ray(config, run_dir)
+    finally:
+        os.umask(old)
+    temp_dir = runtime.ray_temp_dir(config, run_dir)
+    assert started["_temp_dir"] == str(temp_dir)
+    assert stat.S_IMODE(temp_dir.stat().st_mode) == 0o700
