@@ -1,6 +1,6 @@
 """Run the stage benchmarks, collect their results, print the headline ratios.
 
-    python -m benchmarks                  # every benchmark at its default size (< 15 min, 2 cores)
+    python -m benchmarks                  # every benchmark at its default size (~15 min + quality)
     python -m benchmarks embed filter     # some of them
     python -m benchmarks --quick          # tiny sizes: a smoke check of the benchmarks themselves
     python -m benchmarks --list           # what would run, with which arguments
@@ -31,7 +31,8 @@ from benchmarks.common import RESULTS, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The suite, as data.  args: default sizes (all together under 15 minutes on 2 CPU cores);
+# The suite, as data.  args: default sizes (all but `quality` together under 15 minutes on 2 CPU
+# cores; `quality` runs two generate-and-filter pipelines on real data, about an hour);
 # quick: seconds-sized; timeout: seconds at default size; headline: label -> dotted path into the
 # result's "figures" (a ratio unless the label says otherwise).
 BENCHMARKS: dict[str, dict] = {
@@ -77,6 +78,35 @@ BENCHMARKS: dict[str, dict] = {
         "headline": {
             "filter / bare faiss, largest size (s)": "goals.filter_over_baseline_at_largest",
             "filter growth, smallest to largest size (s)": "growth.filter",
+        },
+    },
+    "quality": {
+        "module": "benchmarks.quality",
+        "what": "synthetic-instruction quality per generation strategy vs held-out real "
+        "(probe accuracy, MAUVE, FED gap closed) at epsilon 4 -- the long one: about an hour per "
+        "strategy and dataset at full size",
+        # The suite's default: the in-the-wild mix, the two CPU strategies, 300 rows per set.
+        "args": [
+            "--datasets",
+            "wild",
+            "--strategies",
+            "prompted",
+            "private_evolution",
+            "--n",
+            "300",
+            "--name",
+            "quality_suite",
+        ],
+        "quick": ["--quick", "--datasets", "wild", "--strategies", "prompted"],
+        "timeout": 5400,
+        "headline": {
+            "wild, prompted: filtered probe accuracy (0.5 = real)": (
+                "wild.strategies.prompted.metrics.filtered.probe_accuracy"
+            ),
+            "wild, private_evolution: filtered probe accuracy (0.5 = real)": (
+                "wild.strategies.private_evolution.metrics.filtered.probe_accuracy"
+            ),
+            "wild, real vs real probe accuracy": "wild.real_floor.probe_accuracy",
         },
     },
     "e2e": {

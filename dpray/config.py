@@ -134,7 +134,9 @@ class TrainConfig(Section):
         None, ge=0, description="Testing only: the last worker raises once at this step."
     )
     template: str = Field(
-        "", description="Fixed text before every instruction; generation starts from it."
+        "",
+        description="generator.format unconditional: fixed text before every instruction; "
+        "generation starts from it.",
     )
 
     @field_validator("lora_targets")
@@ -143,6 +145,78 @@ class TrainConfig(Section):
         if not value:
             raise ValueError("must name at least one module")
         return value
+
+
+class GeneratorConfig(Section):
+    """How synthetic instructions are generated: the strategy and the generator's prompt format.
+
+    Every strategy ends in the same DP filter and spends from the same ledger, so they can be
+    compared on the same data and picked by compute budget (see README, "Generation
+    strategies").
+    """
+
+    strategy: Literal["auto", "dp_finetune", "prompted", "private_evolution"] = Field(
+        "auto",
+        description="dp_finetune: DP-SGD LoRA fine-tune (the seed paper; best with GPUs); "
+        "prompted: the base model prompted with public prompts, no training, the whole epsilon "
+        "goes to the filter; private_evolution: rounds of DP nearest-neighbour votes of the "
+        "private embeddings over candidates and variations of the voted ones (Aug-PE). "
+        "auto: dp_finetune with train.use_gpu, else private_evolution.",
+    )
+    format: Literal["auto", "unconditional", "chat_user", "chat_reply"] = Field(
+        "auto",
+        description="unconditional: BOS + train.template + instruction (base models); "
+        "chat_user: the instruction is the user turn of the model's chat template; "
+        "chat_reply: the chat template with generator.request, the instruction as the reply. "
+        "auto: chat_user when the tokenizer has a chat template, else unconditional.",
+    )
+    system: str | None = Field(
+        None,
+        description="Chat formats: a fixed public system message (default: the template's own).",
+    )
+    request: str = Field(
+        "Write one message that a user might send to an AI assistant. Reply with the message only.",
+        description="chat_reply: the fixed public request the instruction answers.",
+    )
+    topics: str | None = Field(
+        None,
+        description="Public topics named in the prompts: `builtin` (dpray/data/topics.txt), a "
+        "public text file (one topic per line), or `none`.  Default: builtin for prompted and "
+        "private_evolution, none for dp_finetune (it learns the topic mix from the data).",
+    )
+    pe_rounds: int = Field(
+        2, ge=1, description="private_evolution: DP vote rounds (each one Gaussian release)."
+    )
+    pe_population: int = Field(
+        1000, ge=2, description="private_evolution: candidates generated per round."
+    )
+    pe_variations: int = Field(
+        4,
+        ge=1,
+        description="private_evolution: variations drawn from each voted candidate; a round keeps "
+        "pe_population / pe_variations candidates.",
+    )
+    pe_select: Literal["proportional", "top"] = Field(
+        "proportional",
+        description="private_evolution: keep candidates in proportion to their noisy votes, or "
+        "the top-voted.",
+    )
+    pe_nn_k: int = Field(
+        1, ge=1, description="private_evolution: candidates each record votes for."
+    )
+    pe_parent_chars: int = Field(
+        400, ge=20, description="private_evolution: a parent longer than this is cut in prompts."
+    )
+
+    def resolved_strategy(self, use_gpu: bool) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "dp_finetune" if use_gpu else "private_evolution"
+
+    def resolved_topics(self, strategy: str) -> str | None:
+        if self.topics is not None:
+            return None if self.topics == "none" else self.topics
+        return None if strategy == "dp_finetune" else "builtin"
 
 
 class SampleConfig(Section):
@@ -522,6 +596,7 @@ class DprayConfig(Section):
     data: DataConfig
     privacy: PrivacyConfig
     ray: RayConfig = Field(default_factory=RayConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)

@@ -10,7 +10,9 @@ any other file as text) and counts
 * **substring** matches: a run of at least ``min_tokens`` consecutive tokens of some private
   instruction.
 
-Matches inside synthetic generations (``sample/``, ``filter/``, ``annotate/``) are reported as
+Matches inside synthetic generations (Parquet files under ``sample/``, ``filter/``,
+``annotate/``, and ``generator/`` -- private evolution's candidates and kept population) are
+reported as
 *memorisation*: the DP generator reproducing training text, which DP bounds but cannot forbid for
 common phrases.  Matches anywhere else are *leaks*, a bug.  The report holds counts only.
 
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN = re.compile(r"\w+", re.UNICODE)
-GENERATION_DIRS = ("sample", "filter", "annotate")
+GENERATION_DIRS = ("sample", "filter", "annotate", "generator")
 PRIVATE_TABLES = ("ingest/instructions.parquet", "ingest/heldout.parquet")
 
 

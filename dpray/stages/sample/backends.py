@@ -36,9 +36,14 @@ def derive_seed(*parts: int | str) -> int:
 
 @dataclass(frozen=True)
 class GeneratorSpec:
-    """Everything a backend needs about the DP generator, read from ``generator/generator.json``.
+    """Everything a backend needs about the generator, read from ``generator/generator.json``.
 
     Plain data so it can be shipped to Ray actors and to a vLLM subprocess as a dict.
+    ``prompts``: every prompt a draw may start from (draw ``i`` uses ``prompts[i % len]``: one
+    prompt for a fine-tuned generator, one per public topic for ``prompted``, one per voted
+    parent for ``private_evolution``); ``stop_ids``: tokens that end an instruction;
+    ``adapter_dir`` is empty when the strategy trains nothing.  ``adapter_sha256`` identifies
+    the generator (the adapter's hash, or the prompts' for untrained strategies) in draw plans.
     """
 
     base_model: str
@@ -48,41 +53,77 @@ class GeneratorSpec:
     template: str
     adapter_sha256: str
     lora_r: int
+    prompts: tuple[tuple[int, ...], ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    strategy: str = "dp_finetune"
+    format: str = "unconditional"
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            object.__setattr__(self, "prompts", (tuple(self.prompt_ids),))
 
     @classmethod
     def from_run_dir(cls, run_dir: RunDir) -> GeneratorSpec:
-        """Read the training stage's public output; resolve the base model to a local dir."""
+        """Read the generator stage's public output; resolve the base model to a local dir."""
         from dpray.models import resolve_causal_lm
 
         folder = run_dir.root / GENERATOR_DIR
         meta_path = folder / "generator.json"
-        adapter = folder / "adapter"
-        if not meta_path.is_file() or not (adapter / "adapter_config.json").is_file():
+        if not meta_path.is_file():
             raise FileNotFoundError(
-                f"no generator in {folder} (generator.json + adapter/): run "
-                "`dpray train-generator` first"
+                f"no generator in {folder} (generator.json): run `dpray train-generator` first"
             )
         meta = read_json(meta_path)
-        prompt = [int(t) for t in meta["prompt_ids"]]
-        if not prompt:
-            raise ValueError(f"{meta_path}: prompt_ids is empty")
-        rank = int(meta.get("lora", {}).get("r") or _adapter_rank(adapter))
+        adapter = folder / "adapter"
+        needs_adapter = bool(meta.get("adapter_sha256")) and meta.get("adapter", True) is not False
+        if needs_adapter and not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no adapter in {adapter}: run `dpray train-generator` again")
+        prompts = tuple(tuple(int(t) for t in p) for p in meta.get("prompts", [])) or (
+            tuple(int(t) for t in meta["prompt_ids"]),
+        )
+        if not prompts or not all(prompts):
+            raise ValueError(f"{meta_path}: a prompt is empty")
+        rank = int(
+            meta.get("lora", {}).get("r") or (_adapter_rank(adapter) if needs_adapter else 0)
+        )
+        identity = str(meta.get("adapter_sha256") or "") or prompts_digest(prompts)
         return cls(
             base_model=str(meta["base_model"]),
             base_path=str(resolve_causal_lm(meta["base_model"])),
-            adapter_dir=str(adapter),
-            prompt_ids=tuple(prompt),
+            adapter_dir=str(adapter) if needs_adapter else "",
+            prompt_ids=prompts[0],
             template=str(meta.get("template", "")),
-            adapter_sha256=str(meta["adapter_sha256"]),
+            adapter_sha256=identity,
             lora_r=rank,
+            prompts=prompts,
+            stop_ids=tuple(int(t) for t in meta.get("stop_ids", [])),
+            strategy=str(meta.get("strategy", "dp_finetune")),
+            format=str(meta.get("format", "unconditional")),
         )
+
+    def prompt_for(self, draw: int) -> tuple[int, ...]:
+        """The prompt of draw number ``draw`` (round-robin: balanced over prompts)."""
+        return self.prompts[draw % len(self.prompts)]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> GeneratorSpec:
-        return cls(**{**data, "prompt_ids": tuple(data["prompt_ids"])})
+        return cls(
+            **{
+                **data,
+                "prompt_ids": tuple(data["prompt_ids"]),
+                "prompts": tuple(tuple(p) for p in data.get("prompts", ())),
+                "stop_ids": tuple(data.get("stop_ids", ())),
+            }
+        )
+
+
+def prompts_digest(prompts) -> str:
+    """A short hash of a prompt list (identifies an untrained generator in draw plans)."""
+    blob = "|".join(",".join(str(t) for t in p) for p in prompts).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _adapter_rank(adapter: Path) -> int:
@@ -121,11 +162,14 @@ class Completion:
 
 
 class Sampler(Protocol):
-    """Draw ``count`` continuations of ``prompt_ids``, deterministically for ``seed``."""
+    """Draw continuations deterministically for ``seed``: ``count`` of one prompt, or one of
+    each prompt of a list (in its order)."""
 
     name: str
 
     def sample(self, prompt_ids: list[int], count: int, seed: int) -> list[Completion]: ...
+
+    def sample_prompts(self, prompts: list[list[int]], seed: int) -> list[Completion]: ...
 
 
 def cuda_available() -> bool:
@@ -205,11 +249,15 @@ class SamplingActor:
             "raw": [],
             "truncated": [],
         }
-        prompt = list(self.spec.prompt_ids)
+        single = len(self.spec.prompts) == 1
         for shard, start, count, seed in zip(
             batch["shard"], batch["start"], batch["count"], batch["seed"], strict=True
         ):
-            completions = self.sampler.sample(prompt, int(count), int(seed))
+            if single:
+                completions = self.sampler.sample(list(self.spec.prompts[0]), int(count), int(seed))
+            else:
+                prompts = [list(self.spec.prompt_for(int(start) + i)) for i in range(int(count))]
+                completions = self.sampler.sample_prompts(prompts, int(seed))
             for row, completion in enumerate(completions):
                 out["sample_id"].append(int(start) + row)
                 out["shard"].append(int(shard))

@@ -121,11 +121,13 @@ class HFSampler:
             model, tokenizer = model
         self.model, self.tokenizer = model, tokenizer
         eos = tokenizer.eos_token_id
-        if eos is None:
+        stops = [int(t) for t in getattr(spec, "stop_ids", ()) or ()]
+        if not stops and eos is None:
             raise ValueError("the generator's tokenizer has no EOS token")
-        self.eos_id = int(eos)
+        self.stop_ids = stops or [int(eos)]
+        self.eos_id = self.stop_ids[0]
         pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else eos)
+        self.pad_id = int(pad if pad is not None else self.eos_id)
         sampling = settings.temperature > 0
         # top_p=1.0 switches the built-in (full-sort) warper off; NucleusFilter does its job.
         extra = (
@@ -141,7 +143,7 @@ class HFSampler:
         self.generation_config = GenerationConfig(
             do_sample=sampling,
             max_new_tokens=settings.max_new_tokens,
-            eos_token_id=self.eos_id,
+            eos_token_id=self.stop_ids if len(self.stop_ids) > 1 else self.eos_id,
             pad_token_id=self.pad_id,
             use_cache=True,
             **extra,
@@ -150,6 +152,10 @@ class HFSampler:
     def sample(self, prompt_ids: list[int], count: int, seed: int) -> list[Completion]:
         """``count`` continuations of one prompt, batch ``j`` seeded by ``(seed, j)``."""
         return self.generate_many([prompt_ids] * count, seed)
+
+    def sample_prompts(self, prompts: Sequence[Sequence[int]], seed: int) -> list[Completion]:
+        """One continuation of each prompt, in their order (length buckets seeded by ``seed``)."""
+        return self.generate_many(prompts, seed)
 
     def generate_many(self, prompts: Sequence[Sequence[int]], seed: int) -> list[Completion]:
         """Continuations of ``prompts`` (in their order), generated in length buckets."""
@@ -179,8 +185,9 @@ class HFSampler:
         return [self._decode(row, seed) for row in new]
 
     def _decode(self, tokens: list[int], seed: int) -> Completion:
-        if self.eos_id in tokens:
-            tokens, truncated = tokens[: tokens.index(self.eos_id)], False
+        ends = [tokens.index(t) for t in self.stop_ids if t in tokens]
+        if ends:
+            tokens, truncated = tokens[: min(ends)], False
         else:
             truncated = len(tokens) >= self.settings.max_new_tokens
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

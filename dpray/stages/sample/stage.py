@@ -42,6 +42,7 @@ from dpray.stages.sample.backends import (
     SamplingSettings,
     choose_backend,
     derive_seed,
+    prompts_digest,
 )
 from dpray.stages.sample.clean import Deduper, clean_column
 from dpray.stages.sample.shards import DRAWS_DIR, DrawStore, shard_task, write_parts
@@ -139,6 +140,8 @@ def draw_plan(config: DprayConfig, spec: GeneratorSpec, backend: str, device: st
         "generator": spec.adapter_sha256,
         "base_model": spec.base_model,
         "prompt_ids": list(spec.prompt_ids),
+        "prompts": prompts_digest(spec.prompts),
+        "stop_ids": list(spec.stop_ids),
         "root_seed": root_seed(config),
         "shard_size": sc.shard_size,
         "temperature": sc.temperature,
@@ -179,12 +182,17 @@ def _generate_shards(
     resources: Resources,
     progress: Progress,
     crash_marker: str | None,
+    seed: int | None = None,
 ) -> None:
-    """Make the missing draw shards with Ray Data and write each one as soon as it is whole."""
+    """Make the missing draw shards with Ray Data and write each one as soon as it is whole.
+
+    ``seed``: the root seed of the shard plan (default: this stage's); private evolution passes
+    one per round.
+    """
     import ray
 
     sc = config.sample
-    seed = root_seed(config)
+    seed = root_seed(config) if seed is None else seed
     tasks = [shard_task(seed, k, sc.shard_size) for k in shards]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     with warnings.catch_warnings():
@@ -438,7 +446,7 @@ def _generator_files(config: DprayConfig, run_dir: RunDir) -> list[Path]:
     folder = run_dir.root / GENERATOR_DIR
     adapter = folder / "adapter"
     files = sorted(p for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else []
-    return [folder / "generator.json", *files]
+    return [folder / "generator.json", *files]  # generator.json names the prompts and strategy
 
 
 STAGE = register(
@@ -455,4 +463,15 @@ STAGE = register(
     )
 )
 
-__all__ = ["STAGE", "SampleShortfallError", "run", "sample"]
+generate_shards = _generate_shards
+"""Public name of the Ray Data generation loop (private evolution draws its rounds with it)."""
+
+__all__ = [
+    "STAGE",
+    "Progress",
+    "SampleShortfallError",
+    "generate_shards",
+    "plan_resources",
+    "run",
+    "sample",
+]

@@ -41,7 +41,8 @@ def model_len(spec, settings: SamplingSettings) -> int:
     for vLLM's own start-up warm-up requests (a chat-template warm-up of ~30 tokens fails
     noisily below that), capped by what the model's positions allow.
     """
-    needed = len(spec.prompt_ids) + settings.max_new_tokens + 8
+    longest = max((len(p) for p in getattr(spec, "prompts", ()) or ()), default=0)
+    needed = max(len(spec.prompt_ids), longest) + settings.max_new_tokens + 8
     limit = 256
     config = Path(spec.base_path) / "config.json"
     if config.is_file():
@@ -94,12 +95,18 @@ class VLLMSampler:
         self.settings = settings
         self.llm = LLM(**engine_kwargs(spec, settings, on_gpu))
         self.lora = LoRARequest(LORA_NAME, 1, spec.adapter_dir) if spec.adapter_dir else None
+        self.stop_ids = tuple(getattr(spec, "stop_ids", ()) or ())
 
     def sample(self, prompt_ids: list[int], count: int, seed: int) -> list[Completion]:
         """``count`` continuations; row ``i`` is seeded by ``(seed, i)``."""
+        return self.sample_prompts([list(prompt_ids)] * count, seed)
+
+    def sample_prompts(self, prompts_ids: list[list[int]], seed: int) -> list[Completion]:
+        """One continuation per prompt; row ``i`` is seeded by ``(seed, i)``."""
         from vllm import SamplingParams
 
         s = self.settings
+        count = len(prompts_ids)
         seeds = [derive_seed(seed, row) for row in range(count)]
         params = [
             SamplingParams(
@@ -110,10 +117,11 @@ class VLLMSampler:
                 max_tokens=s.max_new_tokens,
                 seed=row_seed,
                 skip_special_tokens=True,
+                stop_token_ids=list(self.stop_ids) or None,
             )
             for row_seed in seeds
         ]
-        prompts = [{"prompt_token_ids": list(prompt_ids)} for _ in range(count)]
+        prompts = [{"prompt_token_ids": list(p)} for p in prompts_ids]
         outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
         return [
             Completion(

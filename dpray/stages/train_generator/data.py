@@ -1,9 +1,10 @@
 """Training examples for the generator, Poisson sampling, and micro-batch packing.
 
-The generator learns to write an instruction *from nothing*: every example is
-``prompt + instruction + EOS`` where ``prompt`` is the fixed generator prompt (BOS, or EOS when
-the tokenizer has no BOS, then the configured template).  The loss covers only the instruction
-and EOS.  The sampling stage starts generation from exactly the same prompt.
+Every example is ``prompt + instruction + stop`` where ``prompt`` is the generator's fixed,
+public prompt and ``stop`` its end token (see :mod:`~dpray.stages.train_generator.formats`: for a
+chat model the template up to the user turn and its end-of-turn token; for a base model BOS plus
+the template, and EOS).  The loss covers only the instruction and the stop token.  The sampling
+stage starts generation from exactly the same prompt.
 
 Sampling is true Poisson sampling: at every step each privacy unit (a record, or a user with all
 their records) joins independently with probability q.  Each worker samples its own disjoint
@@ -22,27 +23,36 @@ IGNORE = -100
 
 
 def generator_prompt_ids(tokenizer, template: str = "") -> list[int]:
-    """Token ids every generation starts from (shared with the sampling stage)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = [int(start)] if start is not None else []
-    if template:
-        ids += tokenizer.encode(template, add_special_tokens=False)
-    if not ids:
-        raise ValueError("tokenizer has neither BOS nor EOS and template is empty")
-    return ids
+    """The unconditional format's prompt: BOS (or EOS) plus ``template``."""
+    from dpray.stages.train_generator.formats import unconditional_prompt_ids
+
+    return unconditional_prompt_ids(tokenizer, template)
 
 
 def tokenize_instructions(
-    texts: list[str], tokenizer, max_tokens: int, template: str = ""
+    texts: list[str],
+    tokenizer,
+    max_tokens: int,
+    template: str = "",
+    *,
+    prompt: list[int] | None = None,
+    stop_id: int | None = None,
 ) -> list[np.ndarray]:
-    """``prompt + text + EOS`` token ids per text, truncated to ``max_tokens`` (int32 arrays)."""
-    prompt = generator_prompt_ids(tokenizer, template)
+    """``prompt + text + stop`` token ids per text, truncated to ``max_tokens`` (int32 arrays).
+
+    Default prompt and stop: the unconditional format (BOS + ``template``, EOS).  A text cut at
+    ``max_tokens`` still ends with the stop token, so the generator learns to stop.
+    """
+    if prompt is None:
+        prompt = generator_prompt_ids(tokenizer, template)
     room = max_tokens - len(prompt) - 1
     if room < 1:
-        raise ValueError(f"train.max_tokens={max_tokens} leaves no room after the prompt")
+        raise ValueError(
+            f"train.max_tokens={max_tokens} leaves no room after the {len(prompt)}-token prompt"
+        )
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = int(tokenizer.eos_token_id)
-    return [np.asarray(prompt + ids[:room] + [eos], dtype=np.int32) for ids in encoded]
+    stop = int(tokenizer.eos_token_id if stop_id is None else stop_id)
+    return [np.asarray(list(prompt) + ids[:room] + [stop], dtype=np.int32) for ids in encoded]
 
 
 @dataclass

@@ -1,6 +1,12 @@
-"""``dpray train-generator``: DP fine-tuning (LoRA + DP-SGD) of the instruction generator.
+"""``dpray train-generator``: build the instruction generator with the configured strategy.
 
-Reads ``private/ingest/instructions.parquet``; writes the PEFT adapter to
+``generator.strategy`` picks one of :mod:`~dpray.stages.train_generator.strategies`:
+``dp_finetune`` (below: LoRA + DP-SGD), ``prompted`` (no training: public prompts only) or
+``private_evolution`` (DP nearest-neighbour votes over rounds of candidates).  Every strategy
+writes ``generator/generator.json``: its strategy, prompt format, the prompts and stop tokens the
+sampling stage starts from, and what it spent.
+
+dp_finetune reads ``private/ingest/instructions.parquet``; writes the PEFT adapter to
 ``RUN_DIR/generator/adapter`` (DP output: public), ``generator/generator.json`` (how to sample
 from it), ``generator/metrics.jsonl`` (step, epsilon, step time), private metrics (loss, batch
 sizes: not DP) and Ray Train checkpoints under ``private/train/``, and the spend to the ledger.
@@ -28,7 +34,8 @@ from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.ledger import BudgetExceededError, Ledger
 from dpray.rundir import RunDir, write_json
 from dpray.stages.base import Stage, StageResult, register
-from dpray.stages.train_generator.data import generator_prompt_ids, tokenize_instructions
+from dpray.stages.train_generator.data import tokenize_instructions
+from dpray.stages.train_generator.formats import PromptFormat, build_format, resolve_format
 from dpray.stages.train_generator.noise import resolve_scheme
 from dpray.stages.train_generator.worker import (
     WEIGHTS_FILE,
@@ -107,8 +114,50 @@ def _cpus_per_worker(num_workers: int) -> int:
 
 
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
-    """Train the generator with DP-SGD on Ray Train; see the module docstring."""
-    return train_generator(config, run_dir, ledger_required=True)
+    """Build the generator with ``generator.strategy``; see the module docstring."""
+    from dpray.stages.train_generator.strategies import run_strategy
+
+    return run_strategy(config, run_dir)
+
+
+def prompt_format(config: DprayConfig, tokenizer, strategy: str) -> PromptFormat:
+    """The generator's public prompt format for ``strategy`` (topics only for untrained ones)."""
+    from dpray.stages.train_generator.formats import load_topics
+
+    gc = config.generator
+    name = resolve_format(gc.format, tokenizer)
+    topics = load_topics(gc.resolved_topics(strategy))
+    if topics and strategy == "dp_finetune":
+        raise ConfigError(
+            "generator.topics: dp_finetune learns what to write from the private data with one "
+            "fixed prompt; set generator.topics: none (topics are for prompted and "
+            "private_evolution)"
+        )
+    try:
+        return build_format(
+            name,
+            tokenizer,
+            template=config.train.template,
+            request=gc.request,
+            system=gc.system,
+            topics=topics,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def format_metadata(fmt: PromptFormat, strategy: str) -> dict:
+    """The generator.json keys every strategy writes (public, data-independent)."""
+    return {
+        "strategy": strategy,
+        "format": fmt.name,
+        "template": fmt.template,
+        "prompt_ids": fmt.prompts[0],
+        "prompts": fmt.prompts,
+        "prompt_texts": fmt.prompt_texts,
+        "stop_ids": fmt.stop_ids,
+        "topics": fmt.topics,
+    }
 
 
 def train_generator(
@@ -136,8 +185,11 @@ def train_generator(
     scheme = resolve_scheme(tc.noise, tc.num_workers)
     model_path = resolve_causal_lm(tc.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    prompt = generator_prompt_ids(tokenizer, tc.template)
-    seqs = tokenize_instructions(units.texts, tokenizer, tc.max_tokens, tc.template)
+    fmt = prompt_format(config, tokenizer, "dp_finetune")
+    prompt = fmt.prompts[0]
+    seqs = tokenize_instructions(
+        units.texts, tokenizer, tc.max_tokens, prompt=prompt, stop_id=fmt.stop_ids[0]
+    )
     grouped = [[seqs[i] for i in members] for members in units.members]
 
     private = run_dir.private("train")
@@ -227,8 +279,7 @@ def train_generator(
         summary.update({"executed_steps": executed.steps, "epsilon_total": final})
     meta = {
         "base_model": tc.model,
-        "template": tc.template,
-        "prompt_ids": prompt,
+        **format_metadata(fmt, "dp_finetune"),
         "max_tokens": tc.max_tokens,
         "lora": {
             "r": lora_config.r,
@@ -332,14 +383,15 @@ STAGE = register(
     Stage(
         name=STAGE_NAME,
         run=run,
-        help="DP fine-tune the instruction generator (LoRA, DP-SGD, Ray Train).",
+        help="Build the instruction generator: DP fine-tune (LoRA, DP-SGD, Ray Train), prompted, "
+        "or private evolution (generator.strategy).",
         reads="private/ingest/instructions.parquet, ledger.json",
         writes="generator/adapter (PEFT, DP), generator/generator.json, generator/metrics.jsonl, "
         "private/train/ (checkpoints, non-DP metrics), ledger.json (+ training event)",
-        sections=("train", "privacy", "seed"),
+        sections=("generator", "train", "privacy", "seed"),
         inputs=_ingest_output,
         needs_ray=True,
     )
 )
 
-__all__ = ["run", "train_generator", "load_units", "calibrate"]
+__all__ = ["run", "train_generator", "load_units", "calibrate", "prompt_format", "format_metadata"]
