@@ -65,10 +65,14 @@ def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     temp_dir = ray_temp_dir(config, run_dir)
-    # Session logs, spilled objects and Ray Train's staging hold private data: owner-only.  Our
-    # own folders (private/.ray, the cache fallback) are forced to 0700; a configured
-    # ray.temp_dir only when dpray creates it.
-    if not (config.ray.temp_dir and temp_dir.exists()):
+    # Session logs, spilled objects and Ray Train's staging hold private data: owner-only.  Ray
+    # makes its temp folder 0777 (for machine-wide sharing), so ours sits in a 0700 parent
+    # (private/ itself, or the cache fallback's ray/), and is set back to 0700 once Ray is up.
+    # A configured ray.temp_dir is the user's: 0700 only when dpray creates it.
+    ours = not config.ray.temp_dir
+    if ours:
+        owner_only_dir(temp_dir.parent)
+    if ours or not temp_dir.exists():
         owner_only_dir(temp_dir)
     log.info("starting a local Ray (session files in %s)", temp_dir)
     ray.init(
@@ -83,6 +87,8 @@ def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+    if ours:
+        owner_only_dir(temp_dir)
 
 
 def dashboard_available() -> bool:

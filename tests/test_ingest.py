@@ -342,8 +342,13 @@ def test_local_ray_session_folder_is_owner_only(tmp_path, monkeypatch):
     from dpray import runtime
 
     started = {}
+
+    def fake_init(**kwargs):  # what Ray's node start does to its temp folder: 0777 for sharing
+        started.update(kwargs)
+        os.chmod(kwargs["_temp_dir"], 0o777)
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setenv("DPRAY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = config_from_tree(base_tree(tmp_path / "run", tmp_path / "d.jsonl"))
@@ -356,3 +361,6 @@ def test_local_ray_session_folder_is_owner_only(tmp_path, monkeypatch):
     temp_dir = runtime.ray_temp_dir(config, run_dir)
     assert started["_temp_dir"] == str(temp_dir)
     assert stat.S_IMODE(temp_dir.stat().st_mode) == 0o700
+    # the long tmp_path puts it in the cache fallback, whose parent shuts it in for good
+    assert temp_dir.parent == tmp_path / "cache" / "ray"
+    assert stat.S_IMODE(temp_dir.parent.stat().st_mode) == 0o700
