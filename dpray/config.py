@@ -231,6 +231,12 @@ class SampleConfig(Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     max_new_tokens: int = Field(64, ge=1)
     min_chars: int = Field(8, ge=1, description="Shorter cleaned samples are dropped.")
+    drop_truncated: bool = Field(
+        True,
+        description="Drop draws cut at max_new_tokens before their stop token (half a request "
+        "reads as junk and teaches the aligned model to stop mid-sentence); counted in "
+        "sample/report.json.",
+    )
     batch_size: int = Field(32, ge=1, description="Prompts per generate call (hf backend).")
     shard_size: int = Field(256, ge=1, description="Samples per output Parquet shard.")
     oversample: float = Field(1.2, ge=1, description="Draw this many times N per round.")

@@ -85,9 +85,16 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def sequence_losses(
-    model, tokenizer, texts: list[str], max_tokens: int, template: str
+    model,
+    tokenizer,
+    texts: list[str],
+    max_tokens: int,
+    template: str,
+    prompt: list[int] | None = None,
+    stop_id: int | None = None,
 ) -> np.ndarray:
-    """Per-text token-mean loss in the generator's training format."""
+    """Per-text token-mean loss in the generator's training format (its prompt and stop token,
+    as recorded in its generator.json; default the unconditional format with ``template``)."""
     from dpray.stages.train_generator.data import (
         collate,
         generator_prompt_ids,
@@ -95,8 +102,12 @@ def sequence_losses(
     )
     from dpray.stages.train_generator.dp_sgd import per_example_loss
 
-    prompt_len = len(generator_prompt_ids(tokenizer, template))
-    seqs = tokenize_instructions(texts, tokenizer, max_tokens, template)
+    if prompt is None:
+        prompt = generator_prompt_ids(tokenizer, template)
+    prompt_len = len(prompt)
+    seqs = tokenize_instructions(
+        texts, tokenizer, max_tokens, template, prompt=prompt, stop_id=stop_id
+    )
     out = []
     pad = int(tokenizer.pad_token_id or tokenizer.eos_token_id)
     with torch.inference_mode():
@@ -108,12 +119,14 @@ def sequence_losses(
     return np.concatenate(out)
 
 
-def canary_rank(model, tokenizer, canary: Canary, candidates: int, rng, config) -> int:
+def canary_rank(
+    model, tokenizer, canary: Canary, candidates: int, rng, config, fmt: dict | None = None
+) -> int:
     """Rank of the true secret among random ones by loss (1 = lowest loss)."""
     others = [random_secret(rng) for _ in range(candidates - 1)]
     texts = [canary.text] + [CANARY_PREFIX + s for s in others]
     losses = sequence_losses(
-        model, tokenizer, texts, config.train.max_tokens, config.train.template
+        model, tokenizer, texts, config.train.max_tokens, config.train.template, **(fmt or {})
     )
     return int(1 + (losses[1:] < losses[0]).sum())
 
@@ -125,10 +138,23 @@ def _train(config: DprayConfig, audit_dir: RunDir, dp: bool, steps: int):
     if not dp:
         overrides.update({"noise_multiplier": 0.0, "clip_norm": 1e6})
     train = config.train.model_copy(update=overrides)
-    cfg = config.model_copy(update={"train": train})
+    # The audit models are DP fine-tunes whatever the run's strategy: one fixed prompt, no topics.
+    generator = config.generator.model_copy(update={"topics": "none"})
+    cfg = config.model_copy(update={"train": train, "generator": generator})
     if dp:
         Ledger.create(audit_dir.ledger_path, config.privacy.unit, config.privacy.epsilon, 1e-5)
     return train_generator(cfg, audit_dir, ledger_required=dp, out_dir=audit_dir.root / "generator")
+
+
+def _training_format(audit_dir: RunDir) -> dict:
+    """The prompt and stop token the audit model was trained with (its generator.json)."""
+    import json
+
+    meta = json.loads((audit_dir.root / "generator" / "generator.json").read_text())
+    prompts, stops = meta.get("prompts"), meta.get("stop_ids")
+    if not prompts or not stops:
+        return {}
+    return {"prompt": [int(t) for t in prompts[0]], "stop_id": int(stops[0])}
 
 
 def _load(model_path: str, adapter_dir):
@@ -172,11 +198,12 @@ def run_mia_audit(config: DprayConfig, run_dir: RunDir) -> dict:
         summary = _train(config, audit_dir, dp, steps).summary
         model, tokenizer = _load(model_path, audit_dir.root / "generator" / "adapter")
         tmpl = (config.train.max_tokens, config.train.template)
-        member_loss = sequence_losses(model, tokenizer, members[:n_eval], *tmpl)
-        non_member_loss = sequence_losses(model, tokenizer, non_members[:n_eval], *tmpl)
+        fmt = _training_format(audit_dir)
+        member_loss = sequence_losses(model, tokenizer, members[:n_eval], *tmpl, **fmt)
+        non_member_loss = sequence_losses(model, tokenizer, non_members[:n_eval], *tmpl, **fmt)
         canary_results = []
         for canary in canaries:
-            rank = canary_rank(model, tokenizer, canary, audit.canary_candidates, rng, config)
+            rank = canary_rank(model, tokenizer, canary, audit.canary_candidates, rng, config, fmt)
             canary_results.append(
                 {
                     "repeats": canary.repeats,

@@ -368,10 +368,53 @@ def section_ledger(run_dir: RunDir) -> str:
     )
 
 
+def section_untrained_generator(meta: dict) -> str:
+    """prompted / private_evolution: no training curve; what the strategy did instead."""
+    strategy = meta.get("strategy", "")
+    rows = [
+        [k, meta[k]]
+        for k in (
+            "strategy",
+            "format",
+            "base_model",
+            "rounds",
+            "population",
+            "kept_per_round",
+            "noise_multiplier",
+            "sigma",
+            "seconds",
+        )
+        if k in meta
+    ]
+    prompts = meta.get("prompts") or []
+    rows.append(["prompts sampling starts from", len(prompts)])
+    if meta.get("topics"):
+        rows.append(["public topics", len(meta["topics"])])
+    parts = [_table(rows, ["setting", "value"])]
+    if strategy == "prompted":
+        parts.append(
+            "<p>No training: the base model with public prompts. No private data was read "
+            "before the DP filter, which spent the whole budget.</p>"
+        )
+    history = meta.get("history") or []
+    if history:
+        keys = ["round", "candidates", "kept", "ended_with_stop", "reused_release"]
+        parts.append(
+            "<p>Private Evolution rounds: each round one Gaussian release of the private "
+            "records' nearest-candidate votes (see the ledger); the kept candidates and their "
+            "variations form the next round.</p>"
+        )
+        parts.append(_table([[h.get(k) for k in keys] for h in history], keys))
+    return "".join(parts)
+
+
 def section_training(run_dir: RunDir) -> str:
     metrics_path = run_dir.root / "generator" / "metrics.jsonl"
     meta_path = run_dir.root / "generator" / "generator.json"
     if not metrics_path.exists():
+        meta = read_json(meta_path) if meta_path.exists() else {}
+        if meta.get("strategy") in ("prompted", "private_evolution"):
+            return section_untrained_generator(meta)
         return _missing("Generator training")
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     plt = _plt()
@@ -592,7 +635,7 @@ details{margin:.5em 0} summary{cursor:pointer;color:#4c72b0}
 
 SECTIONS = [
     ("Privacy ledger", section_ledger),
-    ("Generator training", section_training),
+    ("Generator", section_training),
     ("Distribution match (DP filter)", section_filter),
     ("Synthetic instructions", section_samples),
     ("Win rates", section_evaluation),

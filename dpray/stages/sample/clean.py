@@ -25,6 +25,9 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 KEPT = ""
 DROP_EMPTY = "empty"
 DROP_SHORT = "short"
+DROP_TRUNCATED = "truncated"
+"""A draw cut at ``max_new_tokens`` before its stop token (dropped with ``sample.drop_truncated``):
+half a request teaches the aligned model to stop mid-sentence and reads as junk."""
 
 
 def strip_template(text: str, template: str) -> str:
@@ -80,6 +83,7 @@ class Deduper:
     seen: int = 0
     dropped_empty: int = 0
     dropped_short: int = 0
+    dropped_truncated: int = 0
     duplicates_exact: int = 0
     duplicates_normalised: int = 0
 
@@ -91,6 +95,9 @@ class Deduper:
             return False
         if drop == DROP_SHORT:
             self.dropped_short += 1
+            return False
+        if drop == DROP_TRUNCATED:
+            self.dropped_truncated += 1
             return False
         exact = _digest(text)
         if exact in self.exact:
@@ -119,7 +126,7 @@ class Deduper:
     @property
     def duplicate_rate(self) -> float:
         """Duplicates among the samples that survived cleaning (what oversampling must cover)."""
-        valid = self.seen - self.dropped_empty - self.dropped_short
+        valid = self.seen - self.dropped_empty - self.dropped_short - self.dropped_truncated
         return self.duplicates / valid if valid else 0.0
 
     def counts(self) -> dict:
@@ -127,6 +134,7 @@ class Deduper:
             "seen": self.seen,
             "dropped_empty": self.dropped_empty,
             "dropped_short": self.dropped_short,
+            "dropped_truncated": self.dropped_truncated,
             "duplicates_exact": self.duplicates_exact,
             "duplicates_normalised": self.duplicates_normalised,
             "duplicates": self.duplicates,

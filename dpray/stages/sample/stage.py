@@ -44,7 +44,7 @@ from dpray.stages.sample.backends import (
     derive_seed,
     prompts_digest,
 )
-from dpray.stages.sample.clean import Deduper, clean_column
+from dpray.stages.sample.clean import DROP_TRUNCATED, Deduper, clean_column
 from dpray.stages.sample.shards import DRAWS_DIR, DrawStore, shard_task, write_parts
 
 log = logging.getLogger(__name__)
@@ -286,13 +286,20 @@ def _consume_shard(
     kept: dict[str, list],
     template: str,
     min_chars: int,
+    drop_truncated: bool = False,
 ) -> int:
     """Clean (again: ``min_chars`` may have changed) and de-duplicate one shard, in order.
 
-    Returns the number of draws that hit ``max_new_tokens`` (reported, not dropped).
+    Returns the number of draws that hit ``max_new_tokens`` (dropped with ``drop_truncated``,
+    else kept and reported).
     """
     table = store.read(shard).to_pydict()
     texts, drops = clean_column(table["raw"], template, min_chars)
+    if drop_truncated:
+        drops = [
+            DROP_TRUNCATED if cut and not drop else drop
+            for drop, cut in zip(drops, table["truncated"], strict=True)
+        ]
     truncated = 0
     for i, is_new in enumerate(dedup.offer_all(zip(texts, drops, strict=True))):
         truncated += bool(table["truncated"][i])
@@ -358,7 +365,7 @@ def sample(
             )
         for shard in shards:
             progress.truncated += _consume_shard(
-                store, shard, dedup, kept, spec.template, sc.min_chars
+                store, shard, dedup, kept, spec.template, sc.min_chars, sc.drop_truncated
             )
         planned = shards.stop
         log.info(
@@ -428,6 +435,7 @@ def _report(config, spec, backend, resources, progress, dedup, planned, n, parts
             "top_k": sc.top_k,
             "max_new_tokens": sc.max_new_tokens,
             "min_chars": sc.min_chars,
+            "drop_truncated": sc.drop_truncated,
             "batch_size": sc.batch_size,
             "oversample": sc.oversample,
             "max_rounds": sc.max_rounds,

@@ -73,6 +73,35 @@ def calibrate_rounds(ledger: Ledger, rounds: int, share: float) -> float:
         raise BudgetExceededError(f"{STAGE_NAME}: private_evolution: {exc}") from None
 
 
+def _budget_plan(config: DprayConfig, run_dir: RunDir, rounds: int) -> tuple[float, str, int]:
+    """``(noise multiplier, run id, rounds already released)`` for this run.
+
+    A rerun with the same settings (``generator/rounds/plan.json``) keeps its noise multiplier
+    and run id, so each round's saved release can be reused and only the rounds not released
+    yet are spent; new settings calibrate afresh against everything the ledger holds.
+    """
+    path = run_dir.public("generator") / ROUNDS_DIR / "plan.json"
+    key = config.section_hash("generator", "train", "sample", "embed", "privacy", "seed")
+    ledger = Ledger.load(run_dir.ledger_path)
+    if path.exists():
+        plan = read_json(path)
+        if plan.get("config") == key:
+            released = [
+                e
+                for e in ledger.events
+                if e.stage == STAGE_NAME and e.run_id.startswith(f"{plan['run_id']}-round")
+            ]
+            remaining = rounds - len(released)
+            if remaining > 0:
+                ledger.check(round_event(plan["noise_multiplier"], remaining))
+            return float(plan["noise_multiplier"]), str(plan["run_id"]), len(released)
+    multiplier = calibrate_rounds(ledger, rounds, config.privacy.train_share)
+    ledger.check(round_event(multiplier, rounds))  # all rounds must fit before the first
+    run_id = secrets.token_hex(6)
+    write_json(path, {"config": key, "noise_multiplier": multiplier, "run_id": run_id})
+    return multiplier, run_id, 0
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 
@@ -137,7 +166,8 @@ def generate(
 ) -> list[tuple[str, bool]]:
     """``count`` cleaned draws ``(text, truncated)`` from ``spec`` (draw ``i`` uses prompt
     ``i % len(prompts)``), made on the sampling stage's Ray Data actors into resumable shards
-    under ``generator/rounds/draws-R``.  Empty/short draws come back as ``("", truncated)``."""
+    under ``generator/rounds/draws-R``.  Empty/short draws (and, with
+    ``sample.drop_truncated``, draws cut at the token limit) come back as ``("", truncated)``."""
     from dpray.stages.sample.backends import choose_backend, derive_seed, prompts_digest
     from dpray.stages.sample.clean import clean_column
     from dpray.stages.sample.shards import DrawStore
@@ -183,7 +213,8 @@ def generate(
         table = store.read(shard).to_pydict()
         texts, drops = clean_column(table["raw"], "", sc.min_chars)
         for text, drop, truncated in zip(texts, drops, table["truncated"], strict=True):
-            out.append(("" if drop else text, bool(truncated)))
+            unusable = drop or (truncated and sc.drop_truncated)
+            out.append(("" if unusable else text, bool(truncated)))
     return out[:count]
 
 
@@ -326,7 +357,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     from dpray.models import resolve_causal_lm
     from dpray.stages.train_generator.stage import format_metadata, prompt_format
 
-    gc, pc = config.generator, config.privacy
+    gc = config.generator
     start = time.monotonic()
     model_path = resolve_causal_lm(config.train.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
@@ -337,22 +368,20 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
             "or chat_reply): its variation step asks the model for a message like a given one"
         )
     rounds, keep = gc.pe_rounds, max(1, math.ceil(gc.pe_population / gc.pe_variations))
-    ledger = Ledger.load(run_dir.ledger_path)
-    multiplier = calibrate_rounds(ledger, rounds, pc.train_share)
+    public = run_dir.public("generator")
+    (public / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
+    multiplier, run_id, released = _budget_plan(config, run_dir, rounds)
     from dpray.stages.filter.histogram import SENSITIVITY
 
     sigma = multiplier * SENSITIVITY
-    ledger.check(round_event(multiplier, rounds))  # all rounds must fit before the first
-    run_id = secrets.token_hex(6)
     log.info(
-        "private_evolution: %d rounds, %d candidates, keep %d per round, sigma %.3g",
+        "private_evolution: %d rounds (%d released before), %d candidates, keep %d, sigma %.3g",
         rounds,
+        released,
         gc.pe_population,
         keep,
         sigma,
     )
-    public = run_dir.public("generator")
-    (public / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
     units, real_vectors = private_votes_input(config, run_dir)
 
     spec = _spec(config, model_path, fmt.name, fmt.prompts, fmt.stop_ids)
@@ -371,6 +400,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
                 "sample.max_new_tokens or lower sample.min_chars"
             )
         vectors = _embed_cached(candidates, run_dir.public("embed") / "cache", config)
+        ledger = Ledger.load(run_dir.ledger_path)
         noisy, kept, reused = vote_round(
             round_index=r,
             candidates=candidates,
