@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dpray.stages.train_generator.data import (
+    PoissonSampler,
     collate,
     pack_micro_batches,
     poisson_sample,
@@ -152,6 +153,23 @@ def test_poisson_sampling_rate_and_independence():
     a = poisson_sample(n, q, seed=7, step=0, rank=0)
     assert not np.array_equal(a, poisson_sample(n, q, seed=7, step=1, rank=0))
     assert np.array_equal(a, poisson_sample(n, q, seed=7, step=0, rank=0))
+
+
+def test_each_attempt_samples_its_steps_from_fresh_secret_randomness():
+    # issue #14, defect 1: a step redone after a restart must not reuse the lost attempt's
+    # batch (the ledger counts it as a fresh subsampled step)
+    shard, q = shard_units(40_000, 1, 2), 0.03
+    lost, restarted = PoissonSampler(shard, q, rank=1), PoissonSampler(shard, q, rank=1)
+    for step in range(3):
+        a, b = lost(step), restarted(step)
+        assert not np.array_equal(a, b)
+        assert set(a.tolist()) <= set(shard.tolist()) and set(b.tolist()) <= set(shard.tolist())
+    # still Poisson sampling: each unit joins independently with rate q
+    counts = [len(lost(s)) for s in range(40)]
+    assert np.mean(counts) == pytest.approx(len(shard) * q, rel=0.03)
+    overlap = len(np.intersect1d(lost(7), restarted(7)))
+    assert overlap == pytest.approx(len(shard) * q * q, abs=6 * np.sqrt(len(shard) * q * q))
+    assert "seed" not in repr(lost)
 
 
 def test_shards_partition_units():

@@ -9,11 +9,15 @@ stage starts generation from exactly the same prompt.
 Sampling is true Poisson sampling: at every step each privacy unit (a record, or a user with all
 their records) joins independently with probability q.  Each worker samples its own disjoint
 shard, so the union is a Poisson sample of the whole set.  The randomness comes from a secret
-seed (never logged; kept under ``private/``), so the realised batch stays private.
+seed that every worker draws from the OS at the start of every attempt (:class:`PoissonSampler`;
+held in memory only: never logged, never in a checkpoint), so the realised batch stays private
+and a step redone after a restart samples a fresh batch, independent of the lost attempt's -- the
+ledger counts every executed step as its own subsampled release, which needs exactly that.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +93,42 @@ def poisson_sample(num_units: int, rate: float, seed: int, step: int, rank: int)
     """Indices of the units of one shard that join this step (each independently with ``rate``)."""
     rng = np.random.default_rng([seed, step, rank])
     return np.flatnonzero(rng.random(num_units) < rate)
+
+
+class PoissonSampler:
+    """Poisson sampling of one worker's shard for ONE training attempt.
+
+    Build one when a worker (re)starts: its seed comes from the OS, so every attempt -- the first
+    run and each restart from a checkpoint -- samples independently, and a step executed twice
+    releases two noisy sums of two independent batches (what the ledger counts).  A seed fixed
+    for the run would redo the lost attempt's batch.  The seed stays in this object: it is not
+    part of the plan, the logs, the metrics or a checkpoint.
+    """
+
+    def __init__(self, shard: np.ndarray, rate: float, rank: int) -> None:
+        self.shard = np.asarray(shard)
+        self.rate = float(rate)
+        self.rank = int(rank)
+        self._seed = secrets.randbits(128)
+
+    def __call__(self, step: int) -> np.ndarray:
+        """The unit indices (from the shard) that join ``step``, each independently with q."""
+        return self.shard[poisson_sample(len(self.shard), self.rate, self._seed, step, self.rank)]
+
+    def __repr__(self) -> str:  # never show the seed
+        return f"PoissonSampler(units={len(self.shard)}, rate={self.rate:g}, rank={self.rank})"
+
+
+def batch_digest(units: np.ndarray) -> str:
+    """A short fingerprint of a realised batch (its sorted unit indices).
+
+    The realised batch is private: the digest goes to ``private/train/metrics.jsonl`` only (it
+    lets a test see that a step redone after a restart drew a fresh batch).
+    """
+    import hashlib
+
+    data = np.sort(np.asarray(units, dtype=np.int64)).tobytes()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def pack_micro_batches(unit_sizes: list[int], max_rows: int) -> list[list[int]]:

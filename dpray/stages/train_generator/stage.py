@@ -200,7 +200,6 @@ def train_generator(
         "run_id": run_id,
         "model_path": str(model_path),
         "init_seed": config.seed,
-        "seed": secrets.randbits(63),  # Poisson sampling: secret, never logged
         "session": secrets.token_hex(16),
         "lora_r": tc.lora_r,
         "lora_alpha": tc.lora_alpha,

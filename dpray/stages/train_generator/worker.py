@@ -1,9 +1,10 @@
 """The per-worker DP-SGD loop run by Ray Train (``TorchTrainer``), one process per worker.
 
 Every worker builds the same LoRA model (same init seed), holds a disjoint shard of the privacy
-units, Poisson-samples its shard each step, computes its clipped gradient sum, and joins the
-aggregation (central or secure); all workers receive the same noisy sum, so the replicas stay
-identical without DDP.  Rank 0 records every executed step in the ledger right after the noisy
+units, Poisson-samples its shard each step (from a seed it draws from the OS at every (re)start,
+so a step redone after a failure samples a fresh batch), computes its clipped gradient sum, and
+joins the aggregation (central or secure); all workers receive the same noisy sum, so the
+replicas stay identical without DDP.  Rank 0 records every executed step in the ledger right after the noisy
 sum is revealed (so a step lost to a crash still counts), writes metrics, and checkpoints every
 ``checkpoint_every`` steps through ``ray.train.report``.
 """
@@ -21,9 +22,10 @@ import torch
 from dpray.privacy.events import PoissonSubsampledGaussianEvent, PoissonSubsampledSkellamEvent
 from dpray.privacy.ledger import Ledger
 from dpray.stages.train_generator.data import (
+    PoissonSampler,
+    batch_digest,
     collate,
     pack_micro_batches,
-    poisson_sample,
     shard_units,
 )
 from dpray.stages.train_generator.dp_sgd import (
@@ -114,6 +116,8 @@ def train_loop_per_worker(plan: dict) -> None:
             start = json.loads((folder / STATE_FILE).read_text())["step"]
         log.info("rank %d: resumed from checkpoint at step %d", rank, start)
 
+    # fresh secret randomness for this attempt: a step redone after a restart samples anew
+    sampler = PoissonSampler(shard, plan["sampling_rate"], rank)
     gsm = wrap_for_per_sample_grads(model, plan["grad_sample_mode"])
     max_units = int(np.ceil(len(units) / world))
     aggregator = make_aggregator(
@@ -139,7 +143,7 @@ def train_loop_per_worker(plan: dict) -> None:
     for step in range(start, total_steps):
         tick = time.perf_counter()
         _maybe_fail(plan, step, rank, world)
-        sampled = shard[poisson_sample(len(shard), plan["sampling_rate"], plan["seed"], step, rank)]
+        sampled = sampler(step)
         groups = pack_micro_batches([len(units[u]) for u in sampled], plan["micro_batch_size"])
         batches = []
         for group in groups:
@@ -162,7 +166,7 @@ def train_loop_per_worker(plan: dict) -> None:
         seconds = time.perf_counter() - tick
         metrics = {"step": step + 1, "step_seconds": seconds, "epsilon": epsilon}
         if rank == 0:
-            _write_metrics(plan, metrics, local, seconds)
+            _write_metrics(plan, metrics, local, seconds, sampled)
             if (step + 1) % log_every == 0 or step + 1 == total_steps:
                 log.info(
                     "train-generator: step %d/%d  epsilon<=%.3f  %.2f s/step",
@@ -185,8 +189,8 @@ def _maybe_fail(plan: dict, step: int, rank: int, world: int) -> None:
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
-def _write_metrics(plan: dict, metrics: dict, local, seconds: float) -> None:
-    """Public metrics (step, epsilon, time) and private ones (loss, tokens: not DP)."""
+def _write_metrics(plan: dict, metrics: dict, local, seconds: float, sampled) -> None:
+    """Public metrics (step, epsilon, time) and private ones (loss, tokens, batch: not DP)."""
     with open(plan["public_metrics"], "a") as handle:
         handle.write(json.dumps(metrics) + "\n")
     private = {
@@ -195,6 +199,7 @@ def _write_metrics(plan: dict, metrics: dict, local, seconds: float) -> None:
         "examples_rank0": local.examples,
         "tokens_per_second_rank0": local.tokens / max(seconds, 1e-9),
         "clipped_fraction_rank0": local.clipped_units / max(local.units, 1),
+        "batch_digest_rank0": batch_digest(sampled),
     }
     with open(plan["private_metrics"], "a") as handle:
         handle.write(json.dumps(private) + "\n")
