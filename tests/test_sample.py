@@ -187,7 +187,9 @@ def make_run(tmp_path: Path, generator: Path, name: str = "run", **sample):
     """A run dir holding a copy of the generator, and a config for it."""
     run_root = tmp_path / name
     shutil.copytree(generator, run_root / "generator")
+    # a random generator seldom draws its stop token within 6 tokens: keep cut draws
     settings = {"backend": "hf", "max_new_tokens": 6, "shard_size": 16, "batch_size": 8}
+    settings["drop_truncated"] = False
     settings.update(min_chars=1, **sample)
     tree = base_tree(run_root, "demo://")
     tree["sample"] = settings

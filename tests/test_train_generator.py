@@ -59,6 +59,8 @@ def _config(tmp_path, data, model, **train):
         "run_dir": str(tmp_path / "run"),
         "data": {"path": str(data), "text_field": "instruction", "id_field": "id"},
         "privacy": {"epsilon": 4.0, "delta": 1e-5},
+        # these tests are about DP-SGD; on CPU `auto` would pick private_evolution
+        "generator": {"strategy": "dp_finetune"},
         "train": {
             "model": str(model),
             "expected_batch_size": 32,
@@ -71,7 +73,7 @@ def _config(tmp_path, data, model, **train):
     return config_from_tree(tree)
 
 
-def _generate(model_dir, adapter_dir, prompt_ids):
+def _generate(model_dir, adapter_dir, prompt_ids, stop_ids):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +83,9 @@ def _generate(model_dir, adapter_dir, prompt_ids):
     out = model.generate(
         torch.tensor([prompt_ids]),
         max_new_tokens=12,
+        min_new_tokens=4,
         do_sample=True,
+        eos_token_id=stop_ids,
         top_p=0.95,
         pad_token_id=tok.eos_token_id,
     )
@@ -114,7 +118,9 @@ def test_two_workers_secure_on_real_instructions(tmp_path, ray_local, tiny_model
     adapter = run_dir.root / "generator" / "adapter"
     assert (adapter / "adapter_config.json").exists()
     meta = json.loads((run_dir.root / "generator" / "generator.json").read_text())
-    text = _generate(tiny_model, adapter, meta["prompt_ids"])
+    assert meta["strategy"] == "dp_finetune" and meta["format"] == "chat_user"
+    assert meta["prompt_ids"] == meta["prompts"][0] and meta["adapter_sha256"]
+    text = _generate(tiny_model, adapter, meta["prompt_ids"], meta["stop_ids"])
     assert isinstance(text, str) and len(text) > 0
     metrics = [json.loads(x) for x in (run_dir.root / "generator/metrics.jsonl").open()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
