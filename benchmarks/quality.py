@@ -276,6 +276,24 @@ def plot(figures: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def rounds_report(run_dir: Path, dataset: str, n: int, subsamples: int) -> dict:
+    """How a private-evolution run moved towards the held-out set, round by round: each round's
+    candidates and the candidates its DP vote kept, against A (the floor: B against A)."""
+    import pyarrow.parquet as pq
+
+    texts = load_dataset(dataset)
+    model = encoder()
+    a, b = embed(model, texts[:n]), embed(model, texts[n : 2 * n])
+    sets = {}
+    for path in sorted((run_dir / "generator" / "rounds").glob("round-*.parquet")):
+        table = pq.read_table(path).to_pandas()
+        sets[f"{path.stem} candidates"] = embed(model, table.text.tolist())
+        sets[f"{path.stem} kept"] = embed(model, table[table.kept].text.tolist())
+    m = min(len(x) for x in sets.values())
+    metrics = distribution_metrics(a, b, sets, m, subsamples)
+    return {"run_dir": str(run_dir), "dataset": dataset, "sample_size": m, "metrics": metrics}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -290,7 +308,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (plumbing check)")
     parser.add_argument("--name", default=None, help="result name (default quality[_quick])")
+    parser.add_argument(
+        "--rounds-of",
+        default=None,
+        help="only report a finished private_evolution run's rounds (candidates vs kept) "
+        "against the held-out split of --datasets' first dataset",
+    )
     args = parser.parse_args(argv)
+    if args.rounds_of:
+        report = rounds_report(Path(args.rounds_of), args.datasets[0], args.n, args.subsamples)
+        path = write_result(args.name or "quality_pe_rounds", report, vars(args))
+        for name, row in report["metrics"].items():
+            if isinstance(row, dict):
+                print(
+                    f"{name}: probe {row['probe_accuracy']:.3f} MAUVE {row['mauve']:.3f} "
+                    f"FED {row['fed']:.3f} (n={row['n']})"
+                )
+        print(f"wrote {path}")
+        return report
     quick_sets = []
     if args.quick:
         args.n, args.private_limit, args.subsamples = 60, 400, 1

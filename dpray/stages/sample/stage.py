@@ -310,11 +310,38 @@ def _consume_shard(
     return truncated
 
 
+def _offer_population(
+    run_dir: RunDir, spec: GeneratorSpec, dedup: Deduper, kept: dict[str, list], min_chars: int
+) -> int:
+    """Private evolution: its kept population (DP-selected synthetic texts, public) leads the
+    candidates, with sample ids -1, -2, ...; the draws that follow are variations of it.
+
+    Measured on the in-the-wild mix (n=150 vs held-out real): the final population was closer to
+    the real set (probe accuracy 0.62, MAUVE 0.94) than one more round of variations (0.68,
+    0.93), so the filter should see both.  Returns how many were kept.
+    """
+    if spec.strategy != "private_evolution":
+        return 0
+    path = run_dir.root / GENERATOR_DIR / "population.parquet"
+    if not path.exists():
+        return 0
+    import pyarrow.parquet as pq
+
+    texts, drops = clean_column(pq.read_table(path).column("text").to_pylist(), "", min_chars)
+    before = dedup.unique
+    for i, is_new in enumerate(dedup.offer_all(zip(texts, drops, strict=True))):
+        if is_new:
+            kept["text"].append(texts[i])
+            kept["sample_id"].append(-(i + 1))
+            kept["seed"].append(0)
+    return dedup.unique - before
+
+
 def next_round_draws(config: DprayConfig, dedup: Deduper, round_index: int) -> int:
     """How many draws the next round asks for (a function of earlier shards: deterministic)."""
     sc = config.sample
     if round_index == 0:
-        return math.ceil(sc.num_samples * sc.oversample)
+        return math.ceil(max(1, sc.num_samples - dedup.unique) * sc.oversample)
     needed = sc.num_samples - dedup.unique
     unique_yield = max(MIN_UNIQUE_YIELD, dedup.unique / dedup.seen if dedup.seen else 1.0)
     return math.ceil(needed * sc.oversample / unique_yield)
@@ -345,6 +372,7 @@ def sample(
     progress = Progress()
     dedup = Deduper()
     kept: dict[str, list] = {"text": [], "sample_id": [], "seed": []}
+    seeded = _offer_population(run_dir, spec, dedup, kept, sc.min_chars)
     planned = 0  # shards 0..planned-1 are part of the plan so far
     while dedup.unique < sc.num_samples and progress.rounds < sc.max_rounds:
         draws = next_round_draws(config, dedup, progress.rounds)
@@ -387,6 +415,7 @@ def sample(
     }
     parts = write_parts(out_dir, rows, sc.shard_size)
     report = _report(config, spec, backend, resources, progress, dedup, planned, n, parts)
+    report["from_population"] = seeded
     report_path = write_json(out_dir / "report.json", report)
     if n < sc.num_samples:
         raise SampleShortfallError(
