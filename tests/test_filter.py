@@ -16,6 +16,7 @@ import pytest
 from dpray.config import FilterConfig, config_from_tree
 from dpray.privacy.events import GaussianEvent, PoissonSubsampledGaussianEvent
 from dpray.privacy.ledger import BudgetExceededError, Ledger
+from dpray.privacy.mechanisms.gaussian import gaussian_event, gaussian_release, secret_rng
 from dpray.rundir import RunDir, read_json
 from dpray.stages.embed.store import write_set
 from dpray.stages.filter import core, histogram, nn_vote, resample
@@ -92,9 +93,9 @@ def test_split_counts_users_and_l2_gives_unit_norm():
 
 def test_noise_has_the_stated_std_and_event_multiplier():
     rng = np.random.default_rng(2)
-    noisy = histogram.gaussian_release(np.zeros(200_000), 3.0, rng)
+    noisy = gaussian_release(np.zeros(200_000), 3.0, rng)
     assert noisy.std() == pytest.approx(3.0, rel=0.02)
-    event = histogram.filter_event(3.0)
+    event = gaussian_event("filter", 3.0, histogram.SENSITIVITY)
     assert isinstance(event, GaussianEvent)
     assert event.noise_multiplier == pytest.approx(3.0 / histogram.SENSITIVITY)
 
@@ -193,9 +194,7 @@ def test_cluster_filter_moves_shares_toward_real_with_noise_on():
     synthetic, syn_true = mixture(4000, SYNTH_WEIGHTS, seed=1)
     real, real_true = mixture(1500, REAL_WEIGHTS, seed=2)
     fc = FilterConfig(num_clusters=K, target_size=800, sigma=10.0)
-    out = core.cluster_filter(
-        synthetic, real, np.arange(len(real)), fc, 10.0, histogram.secret_rng()
-    )
+    out = core.cluster_filter(synthetic, real, np.arange(len(real)), fc, 10.0, secret_rng())
     before = true_tv(real_true, syn_true)
     after = true_tv(real_true, syn_true[out.selected])
     assert before == pytest.approx(TV_MIXTURE, abs=0.03)
@@ -218,9 +217,7 @@ def test_nn_vote_filter_moves_shares_toward_real():
     fc = FilterConfig(
         method="nn_vote", num_clusters=K, target_size=600, sigma=1.0, nn_k=4, nn_threshold=0.5
     )
-    out = core.nn_vote_filter(
-        synthetic, real, np.arange(len(real)), fc, 1.0, histogram.secret_rng()
-    )
+    out = core.nn_vote_filter(synthetic, real, np.arange(len(real)), fc, 1.0, secret_rng())
     before = true_tv(real_true, syn_true)
     after = true_tv(real_true, syn_true[out.selected])
     assert after < before - 0.15, (before, after)

@@ -29,13 +29,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpray.privacy.events import PoissonSubsampledSkellamEvent
 from dpray.privacy.mechanisms.subsampling import (
     default_orders,
     poisson_subsampled_rdp,
     rdp_to_epsilon,
 )
 
-__all__ = ["skellam_sensitivities", "skellam_rdp", "skellam_dpsgd_epsilon"]
+__all__ = [
+    "skellam_sensitivities",
+    "skellam_rdp",
+    "skellam_dpsgd_epsilon",
+    "subsampled_skellam_event",
+]
 
 
 def skellam_sensitivities(clip_norm: float, scale: float, dim: int) -> tuple[float, float]:
@@ -99,3 +105,36 @@ def skellam_dpsgd_epsilon(
 
     per_step = poisson_subsampled_rdp(orders, base, sampling_rate)
     return rdp_to_epsilon(orders, steps * per_step, delta)
+
+
+def subsampled_skellam_event(
+    stage: str,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    *,
+    clip_norm: float,
+    scale: float,
+    bits: int,
+    dim: int,
+    min_honest_workers: int,
+    run_id: str = "",
+) -> PoissonSubsampledSkellamEvent:
+    """The ledger event of ``steps`` Poisson-subsampled secure-aggregation DP-SGD steps.
+
+    The noise itself (each worker's Skellam share) is drawn in
+    :mod:`dpray.privacy.secure_agg.skellam` from the worker's OS-seeded generator
+    (:func:`dpray.privacy.secure_agg.aggregator.private_generator`).
+    """
+    return PoissonSubsampledSkellamEvent(
+        stage,
+        noise_multiplier=noise_multiplier,
+        sampling_rate=sampling_rate,
+        steps=steps,
+        clip_norm=clip_norm,
+        scale=scale,
+        bits=bits,
+        dim=dim,
+        min_honest_workers=min_honest_workers,
+        run_id=run_id,
+    )

@@ -1,9 +1,10 @@
 """The two filter methods on arrays: what the stage and the benchmark share.
 
 No files, no ledger: the caller passes the absolute noise std ``sigma``, a secret noise
-generator, and ``on_release``, called once right after the noise is drawn and before anything
-is derived from it (the stage spends the ledger event there, so a refused spend means nothing
-noisy was ever used).
+generator (:func:`dpray.privacy.mechanisms.gaussian.secret_rng`; the noise itself is drawn by
+:func:`~dpray.privacy.mechanisms.gaussian.gaussian_release`), and ``on_release``, called once
+right after the noise is drawn and before anything is derived from it (the stage spends the
+ledger event there, so a refused spend means nothing noisy was ever used).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dpray.config import FilterConfig
+from dpray.privacy.mechanisms.gaussian import gaussian_release
 from dpray.stages.filter import histogram, nn_vote, resample
 from dpray.stages.filter.cluster import Clustering, auto_num_clusters, fit_clusters
 
@@ -67,7 +69,7 @@ def cluster_filter(
     timings["assign_real"] = lap()
     k = clustering.num_clusters
     exact = histogram.unit_votes(units, real_labels, k, scheme="split")
-    noisy = histogram.gaussian_release(exact, sigma, noise_rng)
+    noisy = gaussian_release(exact, sigma, noise_rng)
     if on_release is not None:
         on_release()
     capacity = np.bincount(clustering.synthetic_labels, minlength=k)
@@ -101,7 +103,7 @@ def nn_vote_filter(
     neighbours = nn_vote.nearest_candidates(synthetic, real, fc.nn_k, fc.seed)
     timings["search"] = lap()
     exact = histogram.unit_votes(units, neighbours, len(synthetic), scheme="l2")
-    noisy = histogram.gaussian_release(exact, sigma, noise_rng)
+    noisy = gaussian_release(exact, sigma, noise_rng)
     if on_release is not None:
         on_release()
     selected, report = nn_vote.select(

@@ -18,29 +18,24 @@ Two ways of scaling a unit's raw vote counts ``v`` (non-negative, over bins):
   nearest-neighbour vote uses it (a record voting for k distinct candidates gives each
   ``1/sqrt(k)``, as in Private Evolution).
 
-Nothing here touches files, configs or the ledger, and nothing draws noise from a public seed:
-the caller passes the generator, and the stage seeds it from the OS (see ``secret_rng``).
+Nothing here touches files, configs or the ledger, and nothing here draws noise: the release
+(``gaussian_release``), its secret OS-seeded generator (``secret_rng``) and its ledger event
+(``gaussian_event``) are the Gaussian mechanism's, in :mod:`dpray.privacy.mechanisms.gaussian`.
 """
 
 from __future__ import annotations
 
-import secrets
 from typing import Literal
 
 import numpy as np
 
-from dpray.privacy.events import GaussianEvent
+# re-exported: benchmarks/filter.py draws its noise generator through this module
+from dpray.privacy.mechanisms.gaussian import secret_rng  # noqa: F401
 
 SENSITIVITY = 1.0
 """L2 sensitivity of every released vote vector (each unit's contribution has norm <= 1)."""
 
 Scheme = Literal["split", "l2"]
-
-
-def secret_rng() -> np.random.Generator:
-    """A generator seeded from the OS.  Noise must never come from a public (config) seed:
-    anyone who knows the seed could regenerate the noise and subtract it."""
-    return np.random.default_rng(secrets.randbits(128))
 
 
 def unit_votes(
@@ -96,13 +91,6 @@ def max_unit_contribution(
     return largest
 
 
-def gaussian_release(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """``votes + N(0, sigma^2)`` per bin: the DP release (sigma is the absolute noise std)."""
-    if sigma < 0:
-        raise ValueError("sigma must be >= 0")
-    return np.asarray(votes, dtype=np.float64) + rng.normal(0.0, sigma, size=np.shape(votes))
-
-
 def to_shares(noisy: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
     """Clamp a noisy release at 0 and normalise to shares (post-processing: free).
 
@@ -122,8 +110,3 @@ def to_shares(noisy: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarr
 def noise_multiplier(sigma: float, sensitivity: float = SENSITIVITY) -> float:
     """The ledger's noise multiplier for absolute noise std ``sigma``."""
     return sigma / sensitivity
-
-
-def filter_event(sigma: float, sensitivity: float = SENSITIVITY) -> GaussianEvent:
-    """The ledger event of one filter release with absolute noise std ``sigma``."""
-    return GaussianEvent("filter", noise_multiplier=noise_multiplier(sigma, sensitivity))

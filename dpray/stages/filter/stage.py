@@ -10,7 +10,8 @@ Reads the embed stage's sets (``embed/synthetic.*`` public, ``private/embed/real
 * ``filter/metrics.json`` + ``filter/cluster_shares.png`` -- NON-PRIVATE evaluation on the
   held-out real split, marked so in the JSON (only with a held-out split).
 
-Privacy: one Gaussian release with L2 sensitivity 1 (``histogram``), spent on the ledger as
+Privacy: one Gaussian release with L2 sensitivity 1 (``histogram``), drawn and spent on the
+ledger through :mod:`dpray.privacy.mechanisms.gaussian` as
 ``GaussianEvent("filter", noise_multiplier=sigma / 1)``.  sigma is ``filter.sigma`` or the
 smallest value that keeps the composition of everything already spent (training's share) plus
 this release within the target.  The spend is checked before any work and recorded right after
@@ -32,6 +33,7 @@ from dpray.io.readers import SourceError
 from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.events import GaussianEvent
 from dpray.privacy.ledger import BudgetExceededError, Ledger
+from dpray.privacy.mechanisms.gaussian import gaussian_event, secret_rng
 from dpray.rundir import RunDir, write_json
 from dpray.stages.base import StageResult
 from dpray.stages.filter import histogram, metrics
@@ -47,7 +49,7 @@ def resolve_sigma(configured: float | None, ledger: Ledger) -> float:
         return float(configured)
 
     def make_event(multiplier: float) -> GaussianEvent:
-        return GaussianEvent(STAGE_NAME, noise_multiplier=multiplier)
+        return gaussian_event(STAGE_NAME, multiplier * histogram.SENSITIVITY, histogram.SENSITIVITY)
 
     try:
         multiplier = solve_noise_multiplier(
@@ -116,7 +118,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
 
     ledger = Ledger.load(run_dir.ledger_path)
     sigma = resolve_sigma(fc.sigma, ledger)
-    event = histogram.filter_event(sigma)
+    event = gaussian_event(STAGE_NAME, sigma, histogram.SENSITIVITY)
     ledger.check(event)  # refuse before any work; spend again at the release
 
     outcome = METHODS[fc.method](
@@ -125,7 +127,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         units,
         fc,
         sigma,
-        histogram.secret_rng(),
+        secret_rng(),
         on_release=lambda: ledger.spend(event),
     )
     public, private = run_dir.public(STAGE_NAME), run_dir.private(STAGE_NAME)

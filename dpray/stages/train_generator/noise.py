@@ -1,7 +1,7 @@
 """The two noise schemes for the clipped gradient sum across Ray Train workers.
 
-``central`` (baseline; Opacus' DDP semantics): rank 0 alone adds N(0, σ²C²) to its sum, then one
-float all-reduce.  Rank 0 (and the all-reduce) see un-noised partial sums of the others.
+``central`` (baseline; Opacus' DDP semantics): rank 0 alone adds N(0, σ²C²) to its sum (drawn by
+:mod:`dpray.privacy.mechanisms.gaussian`), then one float all-reduce.  Rank 0 (and the all-reduce) see un-noised partial sums of the others.
 
 ``secure`` (default with more than one worker): each worker rotates, scales and stochastically
 rounds its sum, adds an integer Skellam noise share, reduces mod 2^b and adds pairwise masks from
@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from dpray.privacy.mechanisms.gaussian import add_gaussian_noise_, secret_torch_generator
 from dpray.privacy.secure_agg.aggregator import (
     SecureAggConfig,
     all_reduce_int64,
@@ -40,14 +41,18 @@ def _world() -> tuple[int, int]:
 
 
 class CentralAggregator:
-    """Rank 0 adds the Gaussian noise; a float all-reduce sums the workers."""
+    """Rank 0 adds the Gaussian noise; a float all-reduce sums the workers.
+
+    The noise is drawn by the Gaussian mechanism (:mod:`dpray.privacy.mechanisms.gaussian`) from
+    a generator seeded from the OS.
+    """
 
     name = "central"
 
     def __init__(self, noise_multiplier: float, clip_norm: float) -> None:
         self.std = noise_multiplier * clip_norm
         self.rank, self.world = _world()
-        self.generator = private_generator()
+        self.generator = secret_torch_generator()
 
     def prefetch(self, step: int) -> None:
         """Nothing to prepare: the Gaussian is drawn at aggregation time."""
@@ -55,8 +60,7 @@ class CentralAggregator:
     def __call__(self, local_sum: torch.Tensor, step: int) -> torch.Tensor:
         total = local_sum.detach().to(torch.float32).clone()
         if self.rank == 0 and self.std > 0:
-            noise = torch.randn(total.shape, generator=self.generator, dtype=torch.float32)
-            total += noise.to(total.device) * self.std
+            add_gaussian_noise_(total, self.std, self.generator)
         if self.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpray.privacy.events import PoissonSubsampledGaussianEvent, PoissonSubsampledSkellamEvent
 from dpray.privacy.ledger import Ledger
+from dpray.privacy.mechanisms.gaussian import subsampled_gaussian_event
+from dpray.privacy.mechanisms.skellam import subsampled_skellam_event
 from dpray.stages.train_generator.data import (
     PoissonSampler,
     batch_digest,
@@ -71,6 +72,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def event_for(plan: dict, steps: int, secure_fields: dict | None):
+    """The ledger event of ``steps`` executed steps: the central or the secure mechanism's."""
     common = {
         "noise_multiplier": plan["noise_multiplier"],
         "sampling_rate": plan["sampling_rate"],
@@ -78,8 +80,8 @@ def event_for(plan: dict, steps: int, secure_fields: dict | None):
         "run_id": plan["run_id"],
     }
     if secure_fields is None:
-        return PoissonSubsampledGaussianEvent("train-generator", **common)
-    return PoissonSubsampledSkellamEvent(
+        return subsampled_gaussian_event("train-generator", **common)
+    return subsampled_skellam_event(
         "train-generator", clip_norm=plan["clip_norm"], **common, **secure_fields
     )
 

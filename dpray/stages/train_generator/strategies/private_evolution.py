@@ -44,6 +44,7 @@ from dpray.config import ConfigError, DprayConfig
 from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.events import GaussianEvent
 from dpray.privacy.ledger import BudgetExceededError, Ledger
+from dpray.privacy.mechanisms.gaussian import gaussian_event, gaussian_release, secret_rng
 from dpray.rundir import RunDir, read_json, write_json
 from dpray.stages.base import StageResult
 
@@ -57,7 +58,11 @@ ROUNDS_DIR = "rounds"
 
 def round_event(multiplier: float, count: int = 1, run_id: str = "") -> GaussianEvent:
     """The ledger event of ``count`` vote releases with noise multiplier ``multiplier``."""
-    return GaussianEvent(STAGE_NAME, noise_multiplier=multiplier, count=count, run_id=run_id)
+    from dpray.stages.filter.histogram import SENSITIVITY
+
+    return gaussian_event(
+        STAGE_NAME, multiplier * SENSITIVITY, SENSITIVITY, count=count, run_id=run_id
+    )
 
 
 def calibrate_rounds(ledger: Ledger, rounds: int, share: float) -> float:
@@ -303,7 +308,7 @@ def vote_round(
         exact = histogram.unit_votes(units, neighbours, len(candidates), scheme="l2")
         event = round_event(multiplier, 1, run_id=f"{run_id}-round{round_index}")
         ledger.check(event)
-        noisy = histogram.gaussian_release(exact, sigma, histogram.secret_rng())
+        noisy = gaussian_release(exact, sigma, secret_rng())
         ledger.spend(event)  # right after the noise is drawn, before anything uses it
         np.save(run_dir.private("train") / f"pe_exact_votes-{round_index}.npy", exact)
         write_json(
