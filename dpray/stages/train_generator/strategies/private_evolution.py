@@ -427,7 +427,8 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
                 "round": r,
                 "candidates": len(candidates),
                 "drawn": len(texts),
-                "ended_with_stop": round(1 - float(np.mean([truncated[i] for i in unique])), 4),
+                # over every draw of the round (draws cut at the limit are dropped before voting)
+                "ended_with_stop": round(1 - float(np.mean(truncated)), 4) if truncated else None,
                 "kept": len(parents),
                 "reused_release": reused,
             }
