@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "instructions plus canaries (repeated audit.canary_repeats times), then reports canary "
         "exposure and loss-based membership-inference AUC for both.\n\n"
         "reads:  RUN_DIR/private/ingest/instructions.parquet (run `dpray ingest` first)\n"
-        "writes: RUN_DIR/private/audit/ (audit models), RUN_DIR/audit/mia.json (aggregates)",
+        "writes: RUN_DIR/private/audit/ (audit models and mia.json: non-DP aggregates)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p)
@@ -251,14 +251,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     report = run_dir.root / "report" / "index.html"
     if report.exists():
         print(f"  report: {report}")
+        private = run_dir.private_root / "report" / "index.html"
+        print(f"  private report (non-DP statistics): {private}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dpray.stages.report import write_report
+    from dpray.stages.report import write_reports
 
-    path = write_report(RunDir(args.run_dir))
-    print(f"report: {path}")
+    root = Path(args.run_dir).expanduser()
+    if not (root / "ledger.json").is_file():
+        print(f"dpray report: {root}: not a run directory (no ledger.json)", file=sys.stderr)
+        return 2
+    paths = write_reports(RunDir(root))
+    print(f"report (public): {paths['report']}")
+    print(f"report (private, with non-DP statistics of real records): {paths['private_report']}")
     return 0
 
 
@@ -276,6 +283,8 @@ def _cmd_audit_leaks(args: argparse.Namespace) -> int:
         f"{sum(report.memorised.values())} memorised generations, "
         f"{sum(report.public_origin.values())} of public origin -> {path}"
     )
+    for rel, reason in sorted(report.statistics.items()):
+        print(f"  {rel}: {reason}; it belongs under private/", file=sys.stderr)
     return EXIT_LEAK if report.leak_count else 0
 
 
@@ -293,7 +302,7 @@ def _cmd_audit_mia(args: argparse.Namespace) -> int:
         )
         print(f"{name}: MIA AUC {result['mia_auc']:.3f}; canary exposure {exposures}")
     print(report["note"])
-    print(f"report: {run_dir.root / 'audit' / 'mia.json'}")
+    print(f"report: {run_dir.private('audit') / 'mia.json'} (private: not covered by the ledger)")
     return 0
 
 

@@ -535,6 +535,13 @@ class EvaluateConfig(Section):
         "private/ingest/heldout.parquet.",
     )
     text_field: str = Field("instruction", description="Field of data_path holding the text.")
+    data_public: bool = Field(
+        False,
+        description="Declare data_path public data (e.g. a public benchmark): the win rates "
+        "then go to evaluate/ and the public report.  Otherwise -- always for the held-out "
+        "split -- they are non-DP statistics of private records and stay in private/evaluate/ "
+        "(private report only).",
+    )
     max_instructions: int = Field(80, ge=1, description="Evaluate on the first N instructions.")
     models: list[Literal["base", "sft", "ppo"]] = Field(
         default_factory=lambda: ["base", "sft", "ppo"],

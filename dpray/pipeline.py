@@ -119,9 +119,16 @@ def final_leak_scan(config: DprayConfig, run_dir: RunDir) -> dict:
         report.public_inputs,
     )
     if report.leak_count and config.audit.fail_on_leak:
+        parts = []
+        if report.leaks:
+            parts.append(f"private text in public files {sorted(report.leaks)}")
+        if report.statistics:
+            parts.append(
+                f"non-DP statistics of real records outside private/ {sorted(report.statistics)}"
+            )
         raise LeakError(
-            f"{report.leak_count} private texts found in public files "
-            f"{sorted(report.leaks)} (see {run_dir.root / 'audit' / 'leaks.json'})"
+            f"{report.leak_count} leaks: {'; '.join(parts)} "
+            f"(see {run_dir.root / 'audit' / 'leaks.json'})"
         )
     return report.to_dict()
 
@@ -147,8 +154,9 @@ def run_pipeline(
         # then rewritten to show the scan's result (and scanned once more).
         final_leak_scan(config, run_dir)
         if "report" in STAGES:
-            from dpray.stages.report import write_report
+            from dpray.stages.report import write_reports
 
-            write_report(run_dir)
+            write_reports(run_dir)
+            refresh_marker(run_dir, "report")  # rewritten, not rerun: still done
             final_leak_scan(config, run_dir)
     return results

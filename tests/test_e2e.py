@@ -42,9 +42,19 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert ledger["spent"]["epsilon"] <= ledger["target"]["epsilon"] + 1e-9
     leaks = json.loads((run / "audit" / "leaks.json").read_text())
     assert leaks["leaks_total"] == 0 and leaks["files_scanned"] > 5
+    # no public file holds a statistic of real records that the ledger does not cover (#14)
+    assert leaks["nondp_statistics_total"] == 0, leaks["nondp_statistics_by_file"]
     page = (run / "report" / "index.html").read_text()
     assert "Privacy ledger" in page and "has not run" not in page.split("Privacy audit")[0]
-    for path in ("generator/adapter", "filter/filtered.parquet", "sft", "evaluate"):
+    private_page = (run / "private" / "report" / "index.html").read_text()
+    assert "Win rate" in private_page and "Probe accuracy" in private_page
+    for path in (
+        "generator/adapter",
+        "filter/filtered.parquet",
+        "sft",
+        "private/evaluate/win_rates.json",
+        "private/filter/metrics.json",
+    ):
         assert (run / path).exists(), path
     # a second run skips every completed stage
     again = subprocess.run(

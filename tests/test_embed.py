@@ -176,7 +176,7 @@ def test_embed_then_filter_end_to_end_leaks_no_real_text(ray_local, tiny_encoder
     assert result.summary["selection"]["selected"] == 100
     filtered = pq.read_table(run_dir.root / "filter" / "filtered.parquet")
     assert set(filtered.column("text").to_pylist()) <= set(synthetic)
-    metrics = read_json(run_dir.root / "filter" / "metrics.json")
+    metrics = read_json(run_dir.private("filter") / "metrics.json")
     assert metrics["evaluation"] == "non-private, held-out real split"
 
     # Neither a real text (canaries) nor a real text's hash appears outside private/.

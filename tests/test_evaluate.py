@@ -137,7 +137,7 @@ def _place_models(run_dir: RunDir, models) -> None:
     )
 
 
-def test_evaluate_on_private_heldout_publishes_aggregates_only(tmp_path, models, canary):
+def test_evaluate_on_private_heldout_keeps_even_aggregates_private(tmp_path, models, canary):
     config = _config(tmp_path)
     run_dir = RunDir(config.run_dir)
     _place_models(run_dir, models)
@@ -146,7 +146,11 @@ def test_evaluate_on_private_heldout_publishes_aggregates_only(tmp_path, models,
 
     result = evaluate.run(config, run_dir)
 
-    report = read_json(run_dir.root / "evaluate" / "win_rates.json")
+    # win rates on private instructions are non-DP statistics of them: private zone only
+    assert not (run_dir.root / "evaluate").exists() or not any(
+        (run_dir.root / "evaluate").iterdir()
+    )
+    report = read_json(run_dir.private("evaluate") / "win_rates.json")
     assert set(report["comparisons"]) == {"sft_vs_base", "ppo_vs_base", "ppo_vs_sft"}
     assert report["source"] == "heldout" and report["instructions"] == 5
     for row in report["comparisons"].values():
@@ -154,7 +158,8 @@ def test_evaluate_on_private_heldout_publishes_aggregates_only(tmp_path, models,
         assert 0.0 <= row["ci_low"] <= row["win_rate"] <= row["ci_high"] <= 1.0
     # The PPO stand-in is the base model itself: greedy answers are identical, so all ties.
     assert report["comparisons"]["ppo_vs_base"]["ties"] == 5
-    assert (run_dir.root / "evaluate" / "win_rates.png").stat().st_size > 1000
+    assert report["public_data"] is False
+    assert (run_dir.private("evaluate") / "win_rates.png").stat().st_size > 1000
     assert set(result.summary) == set(report["comparisons"])
     for path in run_dir.public_files():
         assert canary.encode() not in path.read_bytes(), path
@@ -166,12 +171,18 @@ def test_evaluate_on_a_file_with_an_llm_judge_and_missing_ppo(tmp_path, models, 
     data = tmp_path / "bench.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Question {i}?"}) + "\n" for i in range(3)))
     config = _config(
-        tmp_path, data_path=str(data), judge="llm", judge_model=judge_url, models=["base", "sft"]
+        tmp_path,
+        data_path=str(data),
+        data_public=True,
+        judge="llm",
+        judge_model=judge_url,
+        models=["base", "sft"],
     )
     run_dir = RunDir(config.run_dir)
     shutil.copytree(models / "sft", run_dir.public("sft") / "model")
     evaluate.run(config, run_dir)
-    report = read_json(run_dir.root / "evaluate" / "win_rates.json")
+    report = read_json(run_dir.root / "evaluate" / "win_rates.json")  # declared public data
+    assert report["public_data"] is True
     assert list(report["comparisons"]) == ["sft_vs_base"]
     assert report["source"] == "bench.jsonl" and report["judge"] == judge_url
     assert report["comparisons"]["sft_vs_base"]["n"] == 3

@@ -335,13 +335,16 @@ def test_stage_writes_filtered_set_release_and_marked_metrics(tmp_path):
     assert sum(exact["values"]) == pytest.approx(1200)
     assert noisy["values"] != exact["values"]
     assert not (run_dir.root / "filter" / "exact_histogram.json").exists()
-    report = json.loads((run_dir.root / "filter" / "metrics.json").read_text())
+    # non-DP statistics of the held-out split: private zone only (#14, defect 5)
+    assert not (run_dir.root / "filter" / "metrics.json").exists()
+    assert not (run_dir.root / "filter" / "cluster_shares.png").exists()
+    report = json.loads((run_dir.private("filter") / "metrics.json").read_text())
     assert report["evaluation"] == "non-private, held-out real split"
     assert report["tv"]["filtered"] < report["tv"]["unfiltered"] - 0.2
     fed = report["fed"]
     assert fed["fed"]["filtered"] < fed["fed"]["unfiltered"]
     assert fed["gap_closed"] > 0.5 and fed["sample_size"] == 200
-    assert (run_dir.root / "filter" / "cluster_shares.png").stat().st_size > 1000
+    assert (run_dir.private("filter") / "cluster_shares.png").stat().st_size > 1000
     ledger = Ledger.load(run_dir.ledger_path)
     assert [e.stage for e in ledger.events] == ["filter"]
 
@@ -399,14 +402,14 @@ def test_stage_nn_vote(tmp_path):
     assert result.summary["selection"]["selected"] == 500
     assert np.load(run_dir.root / "filter" / "noisy_votes.npy").shape == (3000,)
     assert (run_dir.private("filter") / "exact_votes.npy").exists()
-    assert not (run_dir.root / "filter" / "metrics.json").exists()
+    assert not (run_dir.private("filter") / "metrics.json").exists()
 
 
 def test_stage_metrics_with_mauve(tmp_path):
     pytest.importorskip("mauve")
     config, run_dir = _stage_run_dir(tmp_path, sigma=5.0, mauve=True, metrics_subsamples=2)
     run_filter(config, run_dir)
-    report = read_json(run_dir.root / "filter" / "metrics.json")
+    report = read_json(run_dir.private("filter") / "metrics.json")
     mauve = report["mauve"]
     assert "error" not in mauve, mauve
     assert 0 <= mauve["unfiltered"] < mauve["filtered"] <= 1

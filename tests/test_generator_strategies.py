@@ -253,7 +253,7 @@ def _check_filtered_and_within_target(run: Path) -> dict:
     ledger = _ledger(run)
     assert ledger["spent"]["epsilon"] <= ledger["target"]["epsilon"] + 1e-9
     assert [e["stage"] for e in ledger["events"]].count("filter") == 1
-    metrics = json.loads((run / "filter" / "metrics.json").read_text())
+    metrics = json.loads((run / "private" / "filter" / "metrics.json").read_text())
     assert "probe" in metrics
     return ledger
 

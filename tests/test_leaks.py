@@ -192,3 +192,40 @@ def test_packaged_tokenizer_copy_is_public_origin_without_a_config(tmp_path, cap
     assert report["leaks_total"] == 0 and report["public_origin_total"] >= 1
     (run_dir.public("report") / "index.html").write_text(f"<p>{canary}</p>")
     assert main(["audit", "leaks", str(run_dir.root)]) == 5
+
+
+def test_nondp_statistics_outside_private_are_leaks(tmp_path):
+    """#14 defect 5: files of statistics of real records that the ledger does not cover fail the
+    scan outside private/ (an older dpray wrote them there), and pass inside it."""
+    run_dir = _run_dir(tmp_path, [f"my doctor said {make_canary()} about my blood pressure"])
+    clean = scan(run_dir, min_tokens=6)
+    assert clean.leak_count == 0 and clean.statistics == {}
+    (run_dir.public("filter") / "metrics.json").write_text(json.dumps({"probe": {"filtered": 0.7}}))
+    (run_dir.public("audit") / "mia.json").write_text(json.dumps({"results": {}}))
+    (run_dir.public("generator") / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "epsilon": 0.1, "step_seconds": 2.5}) + "\n"
+    )
+    (run_dir.public("evaluate") / "win_rates.json").write_text(
+        json.dumps({"source": "heldout", "public_data": False, "comparisons": {}})
+    )
+    report = scan(run_dir, min_tokens=6)
+    assert set(report.statistics) == {
+        "filter/metrics.json",
+        "audit/mia.json",
+        "generator/metrics.jsonl",
+        "evaluate/win_rates.json",
+    }
+    assert "step_seconds" in report.statistics["generator/metrics.jsonl"]
+    assert report.leak_count == 4 and report.to_dict()["nondp_statistics_total"] == 4
+
+    # the same files where they belong, or public by declaration / by content, are fine
+    for rel in ("filter/metrics.json", "audit/mia.json"):
+        (run_dir.root / rel).rename(run_dir.private(rel.split("/")[0]) / rel.split("/")[1])
+    (run_dir.root / "generator" / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "epsilon": 0.1}) + "\n"
+    )
+    (run_dir.root / "evaluate" / "win_rates.json").write_text(
+        json.dumps({"source": "bench.jsonl", "public_data": True, "comparisons": {}})
+    )
+    after = scan(run_dir, min_tokens=6)
+    assert after.statistics == {} and after.leak_count == 0

@@ -74,7 +74,8 @@ def test_mia_audit_end_to_end(tmp_path):
         report = run_mia_audit(config, run_dir)
     finally:
         ray.shutdown()
-    saved = json.loads((run_dir.root / "audit" / "mia.json").read_text())
+    assert not (run_dir.root / "audit" / "mia.json").exists()  # non-DP: private only
+    saved = json.loads((run_dir.private("audit") / "mia.json").read_text())
     assert saved["members"] == 40 and saved["scored_per_side"] == 30
     for name in ("dp", "non_dp"):
         result = report["results"][name]

@@ -27,9 +27,13 @@ def run_dir(tmp_path):
         )
     )
     ledger.spend(GaussianEvent("filter", noise_multiplier=8.0))
-    metrics = [{"step": s, "step_seconds": 1.0 + 0.1 * s, "epsilon": 0.1 * s} for s in range(1, 6)]
+    metrics = [{"step": s, "epsilon": 0.1 * s} for s in range(1, 6)]
     (run_dir.public("generator") / "metrics.jsonl").write_text(
         "".join(json.dumps(m) + "\n" for m in metrics)
+    )
+    timed = [{**m, "step_seconds": 1.0 + 0.1 * m["step"], "loss_rank0": 2.0} for m in metrics]
+    (run_dir.private("train") / "metrics.jsonl").write_text(
+        "".join(json.dumps(m) + "\n" for m in timed)
     )
     pq.write_table(
         pa.table({"text": ["Write a haiku about <autumn> & rain", "Explain DNS"]}),
@@ -62,7 +66,7 @@ def _write_json(path, data):
 
 @pytest.fixture
 def full_run_dir(run_dir):
-    """The fixture's run plus every public output the summary reads."""
+    """The fixture's run plus every output the summaries read (non-DP ones under private/)."""
     _write_json(
         run_dir.public("generator") / "generator.json",
         {"strategy": "dp_finetune", "format": "chat", "base_model": "tiny-base", "steps": 50},
@@ -72,7 +76,7 @@ def full_run_dir(run_dir):
     texts += [f"plain instruction {i}" for i in range(75)]
     pq.write_table(pa.table({"text": texts}), run_dir.public("filter") / "filtered.parquet")
     _write_json(
-        run_dir.public("filter") / "metrics.json",
+        run_dir.private("filter") / "metrics.json",
         {
             "evaluation": "heldout",
             "note": "Computed from held-out real records without noise: NOT differentially "
@@ -95,10 +99,11 @@ def full_run_dir(run_dir):
         },
     )
     _write_json(
-        run_dir.public("evaluate") / "win_rates.json",
+        run_dir.private("evaluate") / "win_rates.json",
         {
             "instructions": 16,
             "source": "heldout",
+            "public_data": False,
             "judge": "reward_model",
             "interval": "wilson",
             "confidence": 0.95,
@@ -138,7 +143,7 @@ def _summary(page: str) -> str:
 
 
 def test_summary_leads_with_what_matters(full_run_dir):
-    page = write_report(full_run_dir).read_text()
+    page = write_report(full_run_dir, full=True).read_text()
     summary = _summary(page)
     spent = Ledger.load(full_run_dir.ledger_path).accounting().epsilon
     assert f"ε {spent:.2f} <small>spent of 4.00</small>" in summary
@@ -167,23 +172,69 @@ def test_summary_says_not_measured(run_dir):
 
 
 def test_summary_handles_partial_metrics(full_run_dir):
-    path = full_run_dir.root / "filter" / "metrics.json"
+    path = full_run_dir.private("filter") / "metrics.json"
     metrics = json.loads(path.read_text())
     del metrics["probe"]
     metrics["mauve"] = {"error": "mauve-text is not installed"}
     metrics["fed"] = {"skipped": "too few records"}
     _write_json(path, metrics)
-    summary = _summary(write_report(full_run_dir).read_text())
+    summary = _summary(write_report(full_run_dir, full=True).read_text())
     assert "0.5 = indistinguishable): not measured</li>" in summary
     assert "not measured (mauve-text is not installed)" in summary
     assert "not measured (too few records)" in summary
     metrics["mauve"] = None
     _write_json(path, metrics)
-    summary = _summary(write_report(full_run_dir).read_text())
+    summary = _summary(write_report(full_run_dir, full=True).read_text())
     assert "MAUVE (higher = closer to real): not measured</li>" in summary
     _write_json(path, {"heldout_records": 10, "skipped": "too few held-out records"})
-    summary = _summary(write_report(full_run_dir).read_text())
+    summary = _summary(write_report(full_run_dir, full=True).read_text())
     assert "not measured (too few held-out records)" in summary
+
+
+def test_public_report_holds_no_nondp_statistics(full_run_dir):
+    """#14 defect 5: the public page shows DP outputs only; the private page the rest."""
+    private = full_run_dir.private("audit") / "mia.json"
+    _write_json(
+        private,
+        {
+            "results": {
+                "dp": {
+                    "epsilon": 4.0,
+                    "mia_auc": 0.513,
+                    "canaries": [{"repeats": 1, "exposure_bits": 0.7}],
+                }
+            },
+            "note": "MIA NOTE",
+        },
+    )
+    public_path = write_report(full_run_dir)
+    page = public_path.read_text()
+    assert public_path == full_run_dir.root / "report" / "index.html"
+    for number in ("0.74", "0.83", "0.625", "0.62</b>", "0.513", "MIA NOTE"):
+        assert number not in page, number
+    assert "plotted on the right" not in page
+    assert page.count("private/report/index.html") >= 3  # where the numbers are instead
+    private_path = write_report(full_run_dir, full=True)
+    assert private_path == full_run_dir.private_root / "report" / "index.html"
+    assert oct(private_path.stat().st_mode & 0o777) == "0o600"
+    full = private_path.read_text()
+    for number in (
+        "filtered <b>0.74</b>",
+        "<b>0.62</b>",
+        "0.513",
+        "MIA NOTE",
+        "plotted on the right",
+    ):
+        assert number in full, number
+
+
+def test_public_report_shows_win_rates_on_declared_public_data(full_run_dir):
+    data = json.loads((full_run_dir.private("evaluate") / "win_rates.json").read_text())
+    data.update(source="bench.jsonl", public_data=True)
+    _write_json(full_run_dir.public("evaluate") / "win_rates.json", data)
+    summary = _summary(write_report(full_run_dir).read_text())
+    assert "<b>0.62</b>, 95% CI 0.39–0.82, n=16" in summary
+    assert "filtered <b>0.74</b>" not in summary  # the held-out metrics stay private
 
 
 def test_summary_flags_epsilon_over_target(run_dir):

@@ -24,6 +24,13 @@ and the packaged defaults, when already on disk), the evaluation set ``evaluate.
 shipped templates.  Their normalised strings are hashed once per scan with the same normaliser,
 keeping only hashes a private text also has; a value is public origin when its exact match, or
 every matching window of its substring matches, stands in them.  Counted apart, never failing.
+
+The scan also knows the files in which dpray writes **statistics of real records that no DP
+mechanism released** (:data:`NONDP_STATISTICS`: the filter's held-out metrics and plot, win rates
+on private instructions, the membership audit, per-step times of DP training).  They belong under
+``private/``; found outside it (an older dpray, a hand copy, a bug) each is a leak.  Record counts
+released by design (``ingest/report.json``, units in ``generator/generator.json``) are not listed:
+the README's threat model states them as released.
 """
 
 from __future__ import annotations
@@ -461,6 +468,57 @@ def public_origin_index(index: PrivateIndex, inputs: PublicInputs) -> PublicOrig
     return origin
 
 
+PUBLIC_METRIC_KEYS = frozenset({"step", "epsilon"})
+
+
+def _always(path: Path) -> str | None:
+    return "computed from real records without DP"
+
+
+def _win_rates(path: Path) -> str | None:
+    """Win rates are public only when their instructions were declared public data."""
+    record = path.with_suffix(".json")
+    try:
+        public = json.loads(record.read_text()).get("public_data") is True
+    except (OSError, ValueError, AttributeError):
+        public = False
+    return None if public else "win rates on private instructions (the judge read them), not DP"
+
+
+def _training_metrics(path: Path) -> str | None:
+    """Public training metrics hold the step and the ledger's epsilon only."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return "unreadable training metrics"
+    extra = sorted({k for row in rows if isinstance(row, dict) for k in row} - PUBLIC_METRIC_KEYS)
+    if extra:
+        return f"per-step {', '.join(extra)} of private batches, not DP"
+    return None
+
+
+# Files (relative to the run root) that hold statistics of real records outside the ledger when
+# they stand outside private/; each rule says why, or None when this copy is fine.
+NONDP_STATISTICS = {
+    "filter/metrics.json": _always,
+    "filter/cluster_shares.png": _always,
+    "audit/mia.json": _always,
+    "evaluate/win_rates.json": _win_rates,
+    "evaluate/win_rates.png": _win_rates,
+    "generator/metrics.jsonl": _training_metrics,
+}
+
+
+def nondp_statistics(run_dir: RunDir) -> dict[str, str]:
+    """Public files holding statistics of real records that the ledger does not cover."""
+    found = {}
+    for rel, rule in NONDP_STATISTICS.items():
+        path = run_dir.root / rel
+        if path.is_file() and not run_dir.is_private(path) and (reason := rule(path)):
+            found[rel] = reason
+    return found
+
+
 @dataclass
 class LeakReport:
     files_scanned: int
@@ -470,10 +528,12 @@ class LeakReport:
     memorised: dict[str, int]
     public_origin: dict[str, int] = field(default_factory=dict)
     public_inputs: int = 0
+    statistics: dict[str, str] = field(default_factory=dict)
 
     @property
     def leak_count(self) -> int:
-        return sum(self.leaks.values())
+        """Private texts in public files plus public files of non-DP statistics."""
+        return sum(self.leaks.values()) + len(self.statistics)
 
     def to_dict(self) -> dict:
         return {
@@ -482,6 +542,8 @@ class LeakReport:
             "min_tokens": self.min_tokens,
             "leaks_total": self.leak_count,
             "leaks_by_file": self.leaks,
+            "nondp_statistics_total": len(self.statistics),
+            "nondp_statistics_by_file": self.statistics,
             "memorised_total": sum(self.memorised.values()),
             "memorised_by_file": self.memorised,
             "public_origin_total": sum(self.public_origin.values()),
@@ -544,4 +606,5 @@ def scan(
         dict(memorised),
         dict(public),
         origin.files,
+        nondp_statistics(run_dir),
     )

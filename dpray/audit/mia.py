@@ -14,8 +14,10 @@ no clipping): the control.  Then:
 
 The DP model should show AUC ≈ 0.5 and low exposure (group privacy weakens the guarantee for the
 100-times canary); the control must show measurable leakage, or the audit is too weak to mean
-anything, and the report says so.  Audit runs live under ``private/audit/``; only aggregate
-numbers go to ``audit/mia.json``, marked as a non-private evaluation.
+anything, and the report says so.  Everything lives under ``private/audit/``, the aggregate
+numbers in ``private/audit/mia.json`` too: both models trained on real records without (the
+control) or outside (the audit's own DP model) the run's ledger, so their AUCs and exposures are
+statistics of private data that the ledger does not cover.  Only the private report shows them.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def run_mia_audit(config: DprayConfig, run_dir: RunDir) -> dict:
             else "the non-DP control leaks measurably, so the DP model's figures are meaningful"
         ),
     }
-    path = write_json(run_dir.public("audit") / "mia.json", _finite(report))
+    path = write_json(run_dir.private("audit") / "mia.json", _finite(report))
     log.info("audit mia: report -> %s", path)
     return report
 

@@ -7,9 +7,11 @@ bootstrap (percentile, over instructions) or Wilson confidence interval.
 
 Privacy: the default instructions are the held-out split ``private/ingest/heldout.parquet``,
 private data that no DP stage trained on.  The answers (which may echo it) stay in
-``private/evaluate/answers.parquet``; only aggregates -- counts, win rates and intervals -- go to
-``evaluate/win_rates.json`` and ``evaluate/win_rates.png``, and nothing here is logged per
-instruction.  ``evaluate.data_path`` may point at a public benchmark instead.
+``private/evaluate/answers.parquet``, and so do the aggregates -- counts, win rates and intervals
+in ``win_rates.json`` and ``win_rates.png``: they are statistics of private records that no DP
+mechanism released, shown only in the private report.  ``evaluate.data_path`` may point at a
+public benchmark instead; declared public with ``evaluate.data_public: true``, its win rates go to
+``evaluate/`` and the public report.  Nothing here is logged per instruction.
 """
 
 from __future__ import annotations
@@ -229,10 +231,11 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     columns.update({f"outcome_{k}": v for k, v in outcomes.items()})
     pq.write_table(pa.table(columns), private / "answers.parquet")
 
-    public = run_dir.public(STAGE_NAME)
+    public = results_dir(config, run_dir)
     report = {
         "instructions": len(instructions),
         "source": "heldout" if ec.data_path is None else eval_source(config, run_dir).name,
+        "public_data": evaluates_public_data(config),
         "judge": judge_name,
         "interval": ec.interval,
         "confidence": ec.confidence,
@@ -248,6 +251,21 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         },
         summary={k: round(v["win_rate"], 4) for k, v in results.items()},
     )
+
+
+def evaluates_public_data(config: DprayConfig) -> bool:
+    """Whether the instructions are declared public (``evaluate.data_public`` with a
+    ``data_path``); the held-out split never is."""
+    return config.evaluate.data_path is not None and config.evaluate.data_public
+
+
+def results_dir(config: DprayConfig, run_dir: RunDir) -> Path:
+    """Where the win rates go: ``evaluate/`` for declared-public data, else
+    ``private/evaluate/`` -- win rates on private instructions are statistics of private records
+    that no DP mechanism released (the judge read them)."""
+    if evaluates_public_data(config):
+        return run_dir.public(STAGE_NAME)
+    return run_dir.private(STAGE_NAME)
 
 
 def _inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
@@ -267,8 +285,8 @@ STAGE = register(
         help="Win rates (with confidence intervals) of base, SFT and PPO on real instructions.",
         reads="private/ingest/heldout.parquet (or evaluate.data_path), sft/model, ppo/model, "
         "reward/reward.json",
-        writes="evaluate/win_rates.json, evaluate/win_rates.png (aggregates only), "
-        "private/evaluate/answers.parquet",
+        writes="private/evaluate/win_rates.json, win_rates.png, answers.parquet (evaluate/ "
+        "instead for the win rates when evaluate.data_public declares data_path public)",
         sections=("evaluate", "seed"),
         inputs=_inputs,
         needs_ray=True,

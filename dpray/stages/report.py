@@ -1,11 +1,20 @@
-"""``dpray report``: one self-contained HTML page a person can open offline.
+"""``dpray report``: self-contained HTML pages a person can open offline.
 
-Reads only public artifacts of a run (the ledger, stage reports, DP outputs, evaluation
-aggregates) and writes ``RUN_DIR/report/index.html`` with every plot inlined as a PNG data URI, so
-the file can be mailed or attached to a ticket.  Sections for stages that have not run say so
-instead of failing.  Nothing under ``private/`` is read: the report is as public as its inputs.
+Two pages, one per zone:
 
-The page leads with an "at a glance" summary -- ε spent of the target, the generator, how many
+* ``RUN_DIR/report/index.html`` -- the **public report**: only what the privacy guarantee covers
+  or what is public anyway (the ledger, DP outputs, counts, timings, the leak scan) plus win rates
+  on evaluation data declared public (``evaluate.data_public``).  Safe to hand to anyone who may
+  see the synthetic data.
+* ``RUN_DIR/private/report/index.html`` -- the **private report**: everything above plus the
+  non-DP statistics of real records that live under ``private/`` (distribution match against the
+  held-out split, win rates on it, the membership/canary audit, step times).  For the data owner.
+
+Every plot is inlined as a PNG data URI, so a page can be mailed or attached to a ticket.
+Sections for stages that have not run say so instead of failing.  No private *text* is read by
+either page; the private one reads private aggregates only.
+
+Each page leads with an "at a glance" summary -- ε spent of the target, the generator, how many
 synthetic instructions, distribution match, win rates, the leak scan -- and puts the details
 below it, long key/value dumps folded into ``<details>`` blocks.  The example instructions are a
 seeded random sample of the filtered set (the same on every render of a run), not its first rows.
@@ -113,6 +122,33 @@ def _rows(path: Path) -> int | None:
         return None
 
 
+# ------------------------------------------------------------------------------ zones
+
+PRIVATE_REPORT = "private/report/index.html"
+
+
+def nondp_file(run_dir: RunDir, stage: str, name: str, full: bool) -> Path | None:
+    """A non-DP statistic of real records, if this page may show it: ``private/<stage>/<name>``
+    in the private report (``full``), never in the public one."""
+    return run_dir.private_root / stage / name if full else None
+
+
+def win_rates_file(run_dir: RunDir, full: bool) -> Path | None:
+    """Win rates: public when computed on data declared public, else private-report only."""
+    public = run_dir.root / "evaluate" / "win_rates.json"
+    data = _load(public)
+    if isinstance(data, dict) and data.get("public_data") is True:
+        return public
+    return run_dir.private_root / "evaluate" / "win_rates.json" if full else None
+
+
+def _in_private_report(what: str) -> str:
+    return (
+        f"{what} on held-out real records without DP: in the private report "
+        f"(<code>{PRIVATE_REPORT}</code>) only."
+    )
+
+
 # ------------------------------------------------------------------------------ summary
 
 
@@ -145,7 +181,7 @@ def _why_not(value) -> str | None:
     return "not measured"
 
 
-def summary_privacy(run_dir: RunDir) -> str:
+def summary_privacy(run_dir: RunDir, full: bool = False) -> str:
     if not run_dir.ledger_path.exists():
         return _card("Privacy", "not measured", ["Ingestion has not run: there is no ledger."])
     ledger = Ledger.load(run_dir.ledger_path)
@@ -171,7 +207,7 @@ def summary_privacy(run_dir: RunDir) -> str:
     return _card("Privacy (DP guarantee)", headline, lines, badge)
 
 
-def summary_synthetic(run_dir: RunDir) -> str:
+def summary_synthetic(run_dir: RunDir, full: bool = False) -> str:
     meta = _load(run_dir.root / "generator" / "generator.json")
     meta = meta if isinstance(meta, dict) else {}
     sampled = _load(run_dir.root / "sample" / "report.json")
@@ -232,8 +268,15 @@ def _gap_closed(fed) -> str:
     return f"<b>{closed:.0%}</b>{tail}"
 
 
-def summary_distribution(run_dir: RunDir) -> str:
-    metrics = _load(run_dir.root / "filter" / "metrics.json")
+def summary_distribution(run_dir: RunDir, full: bool = False) -> str:
+    source = nondp_file(run_dir, "filter", "metrics.json", full)
+    if source is None and (run_dir.private_root / "filter" / "metrics.json").exists():
+        return _card(
+            "Distribution match",
+            None,
+            [_in_private_report("Measured (probe accuracy, MAUVE, FED gap closed)")],
+        )
+    metrics = _load(source) if source is not None else None
     held = _number(metrics.get("heldout_records")) if isinstance(metrics, dict) else None
     split = f"{int(held):,} held-out real records" if held else "the held-out real split"
     note = (
@@ -253,8 +296,19 @@ def summary_distribution(run_dir: RunDir) -> str:
     return _card("Distribution match", None, lines, note=note)
 
 
-def summary_win_rates(run_dir: RunDir) -> str:
-    data = _load(run_dir.root / "evaluate" / "win_rates.json")
+def summary_win_rates(run_dir: RunDir, full: bool = False) -> str:
+    source = win_rates_file(run_dir, full)
+    if source is None and (run_dir.private_root / "evaluate" / "win_rates.json").exists():
+        return _card(
+            "Win rate",
+            None,
+            [
+                _in_private_report("Measured")
+                + " Declare public evaluation data (<code>evaluate.data_path</code>, "
+                "<code>evaluate.data_public: true</code>) to publish win rates."
+            ],
+        )
+    data = _load(source) if source is not None else None
     comparisons = data.get("comparisons") if isinstance(data, dict) else None
     if not isinstance(comparisons, dict) or not comparisons:
         return _card("Win rate", "not measured", ["Evaluation has not run."])
@@ -285,7 +339,7 @@ def summary_win_rates(run_dir: RunDir) -> str:
     return _card("Win rate", None, lines, note=note)
 
 
-def summary_leaks(run_dir: RunDir) -> str:
+def summary_leaks(run_dir: RunDir, full: bool = False) -> str:
     data = _load(run_dir.root / "audit" / "leaks.json")
     if not isinstance(data, dict):
         return _card("Leak scan", "not run", ["The final leak scan has not run."])
@@ -319,15 +373,15 @@ SUMMARY = [
 ]
 
 
-def section_summary(run_dir: RunDir) -> str:
-    cards = "".join(build(run_dir) for build in SUMMARY)
+def section_summary(run_dir: RunDir, full: bool = False) -> str:
+    cards = "".join(build(run_dir, full) for build in SUMMARY)
     return f'<section id="summary"><h2>At a glance</h2><div class="cards">{cards}</div></section>'
 
 
 # ------------------------------------------------------------------------------ details
 
 
-def section_ledger(run_dir: RunDir) -> str:
+def section_ledger(run_dir: RunDir, full: bool = False) -> str:
     if not run_dir.ledger_path.exists():
         return _missing("Ingestion")
     ledger = Ledger.load(run_dir.ledger_path)
@@ -408,7 +462,7 @@ def section_untrained_generator(meta: dict) -> str:
     return "".join(parts)
 
 
-def section_training(run_dir: RunDir) -> str:
+def section_training(run_dir: RunDir, full: bool = False) -> str:
     metrics_path = run_dir.root / "generator" / "metrics.jsonl"
     meta_path = run_dir.root / "generator" / "generator.json"
     if not metrics_path.exists():
@@ -417,15 +471,25 @@ def section_training(run_dir: RunDir) -> str:
             return section_untrained_generator(meta)
         return _missing("Generator training")
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    # step times track the realised Poisson batch: private/train/metrics.jsonl, private page only
+    timed_path = nondp_file(run_dir, "train", "metrics.jsonl", full)
+    timed = []
+    if timed_path is not None and timed_path.exists():
+        timed = [json.loads(line) for line in timed_path.read_text().splitlines() if line]
+        timed = [m for m in timed if "step_seconds" in m]
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 2.8))
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(9 if timed else 4.5, 2.8))
+    a1 = axes[0] if timed else axes
     steps = [m["step"] for m in metrics]
     a1.plot(steps, [m.get("epsilon") or 0 for m in metrics], marker=".")
     a1.set_xlabel("executed step")
     a1.set_ylabel("ε so far (ledger)")
-    a2.plot(steps, [m["step_seconds"] for m in metrics], marker=".", color="#55a868")
-    a2.set_xlabel("step")
-    a2.set_ylabel("seconds per step")
+    if timed:
+        axes[1].plot(
+            [m["step"] for m in timed], [m["step_seconds"] for m in timed], ".", color="#55a868"
+        )
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("seconds per step (non-DP)")
     meta = read_json(meta_path) if meta_path.exists() else {}
     keys = [
         "strategy",
@@ -444,19 +508,35 @@ def section_training(run_dir: RunDir) -> str:
     rows = [[k, meta[k]] for k in keys if k in meta]
     note = (
         "<p>The training loss is computed on private batches without DP, so it is kept in "
-        "<code>private/train/metrics.jsonl</code> and not shown here.</p>"
+        "<code>private/train/metrics.jsonl</code> and not shown here"
+        + (
+            "; step times (they track the realised batch size) are in the private report.</p>"
+            if not full
+            else "; step times (non-DP: they track the realised batch size) are plotted on "
+            "the right.</p>"
+        )
     )
     settings = _details(f"Generator settings ({len(rows)})", _table(rows, ["setting", "value"]))
     return _img(_png(fig), "training curves") + note + (settings if rows else "")
 
 
-def section_filter(run_dir: RunDir) -> str:
+def section_filter(run_dir: RunDir, full: bool = False) -> str:
     folder = run_dir.root / "filter"
     if not folder.exists():
         return _missing("DP filtering")
     parts = [_file_img(p, p.stem) for p in sorted(folder.glob("*.png"))]
-    metrics_path = folder / "metrics.json"
-    if metrics_path.exists():
+    metrics_path = nondp_file(run_dir, "filter", "metrics.json", full)
+    if metrics_path is None:
+        parts.append(
+            "<p>"
+            + _in_private_report("Distribution metrics (and the cluster shares plot)")
+            + "</p>"
+        )
+    else:
+        plot_path = metrics_path.with_name("cluster_shares.png")
+        if plot_path.exists():
+            parts.append(_file_img(plot_path, "cluster shares (non-DP, held-out split)"))
+    if metrics_path is not None and metrics_path.exists():
         metrics = read_json(metrics_path)
         if isinstance(metrics, dict) and metrics.get("note"):
             parts.append(f'<p class="note">{html.escape(str(metrics["note"]))}</p>')
@@ -501,7 +581,7 @@ def sample_texts(texts: list[str], k: int = SAMPLE_ROWS, seed: int = SAMPLE_SEED
     return [texts[i] for i in picked]
 
 
-def section_samples(run_dir: RunDir) -> tuple[str, str]:
+def section_samples(run_dir: RunDir, full: bool = False) -> tuple[str, str]:
     import pyarrow.parquet as pq
 
     title = "Synthetic instructions"
@@ -534,8 +614,11 @@ def section_samples(run_dir: RunDir) -> tuple[str, str]:
     return heading, f"{note}<ol>{items}</ol>"
 
 
-def section_evaluation(run_dir: RunDir) -> str:
-    folder = run_dir.root / "evaluate"
+def section_evaluation(run_dir: RunDir, full: bool = False) -> str:
+    source = win_rates_file(run_dir, full)
+    if source is None:
+        return "<p>" + _in_private_report("Win rates were measured") + "</p>"
+    folder = source.parent
     if not folder.exists():
         return _missing("Evaluation")
     parts = [_file_img(p, p.stem) for p in sorted(folder.glob("*.png"))]
@@ -550,7 +633,7 @@ def section_evaluation(run_dir: RunDir) -> str:
     return "".join(parts)
 
 
-def section_audit(run_dir: RunDir) -> str:
+def section_audit(run_dir: RunDir, full: bool = False) -> str:
     folder = run_dir.root / "audit"
     parts = []
     leaks = folder / "leaks.json"
@@ -558,10 +641,19 @@ def section_audit(run_dir: RunDir) -> str:
         data = read_json(leaks)
         parts.append(
             f"<p><b>Leak scan:</b> {data['files_scanned']} public files, "
-            f"<b>{data['leaks_total']}</b> private texts found outside <code>private/</code>, "
+            f"<b>{data['leaks_total']}</b> leaks outside <code>private/</code> (private text, "
+            "or statistics of real records the ledger does not cover), "
             f"{data['memorised_total']} synthetic generations reproducing a private instruction "
             f"(≥{data['min_tokens']} tokens).</p>"
         )
+        statistics = data.get("nondp_statistics_by_file") or {}
+        if statistics:
+            parts.append(
+                _details(
+                    f"Public files with non-DP statistics of real records ({len(statistics)})",
+                    _table([[k, v] for k, v in statistics.items()], ["file", "why"]),
+                )
+            )
         for key, label in (
             ("leaks_by_file", "Files with private text"),
             ("memorised_by_file", "Files with memorised generations"),
@@ -574,8 +666,13 @@ def section_audit(run_dir: RunDir) -> str:
                         _table([[k, v] for k, v in by_file.items()], ["file", "hits"]),
                     )
                 )
-    mia = folder / "mia.json"
-    if mia.exists():
+    mia = nondp_file(run_dir, "audit", "mia.json", full)
+    if mia is None:
+        parts.append(
+            "<p>The membership and canary audit (<code>dpray audit mia</code>) trains models "
+            "on real records outside the ledger: its results are in the private report only.</p>"
+        )
+    elif mia.exists():
         data = read_json(mia)
         rows = []
         for name, result in data["results"].items():
@@ -595,7 +692,7 @@ def section_audit(run_dir: RunDir) -> str:
     return "".join(parts) or _missing("The privacy audit")
 
 
-def section_timings(run_dir: RunDir) -> str:
+def section_timings(run_dir: RunDir, full: bool = False) -> str:
     path = run_dir.root / "timings" / "stages.json"
     if not path.exists():
         return _missing("Timing")
@@ -644,14 +741,24 @@ SECTIONS = [
 ]
 
 
-def write_report(run_dir: RunDir) -> Path:
+def write_report(run_dir: RunDir, full: bool = False) -> Path:
+    """The public page (``report/index.html``), or with ``full`` the private one
+    (``private/report/index.html``) that also shows the non-DP statistics under ``private/``."""
+    zone = (
+        "Private report: also shows non-DP statistics of real records. Keep it in "
+        "<code>private/</code>; the public report is <code>report/index.html</code>."
+        if full
+        else "Public report: DP outputs and public figures only. The data owner's "
+        f"private report (non-DP statistics of real records) is <code>{PRIVATE_REPORT}</code>."
+    )
     body = [
-        f"<h1>dpray run report</h1><p><code>{html.escape(str(run_dir.root))}</code></p>",
-        section_summary(run_dir),
+        f"<h1>dpray run report{' (private)' if full else ''}</h1>"
+        f'<p><code>{html.escape(str(run_dir.root))}</code></p><p class="note">{zone}</p>',
+        section_summary(run_dir, full),
         '<h2 class="part" id="details">Details</h2>',
     ]
     for title, build in SECTIONS:
-        built = build(run_dir)
+        built = build(run_dir, full)
         if isinstance(built, tuple):  # a section whose heading depends on what it found
             title, built = built
         body.append(f"<h2>{html.escape(title)}</h2>{built}")
@@ -659,18 +766,28 @@ def write_report(run_dir: RunDir) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>dpray report</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     )
-    path = run_dir.public("report") / "index.html"
+    folder = run_dir.private("report") if full else run_dir.public("report")
+    path = folder / "index.html"
     path.write_text(page, encoding="utf-8")
+    if full:
+        path.chmod(0o600)
     return path
 
 
+def write_reports(run_dir: RunDir) -> dict[str, Path]:
+    """Both pages: ``{"report": public, "private_report": private}``."""
+    return {
+        "report": write_report(run_dir),
+        "private_report": write_report(run_dir, full=True),
+    }
+
+
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
-    path = write_report(run_dir)
-    return StageResult(outputs={"report": str(path)})
+    return StageResult(outputs={k: str(v) for k, v in write_reports(run_dir).items()})
 
 
 def _public_inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
-    """What the report shows, minus what the pipeline rewrites after every run.
+    """What the reports show, minus what the pipeline rewrites after every run.
 
     ``timings/`` gets this stage's own time when it finishes and ``audit/leaks.json`` is written
     by the final leak scan; counting them would make every rerun redo the report.  ``dpray run``
@@ -681,16 +798,27 @@ def _public_inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
         run_dir.root / "timings",
         run_dir.root / "audit" / "leaks.json",
     )
-    return [p for p in run_dir.public_files() if not any(p.is_relative_to(s) for s in skip)]
+    public = [p for p in run_dir.public_files() if not any(p.is_relative_to(s) for s in skip)]
+    private = run_dir.private_root
+    aggregates = [
+        private / "filter" / "metrics.json",
+        private / "filter" / "cluster_shares.png",
+        private / "evaluate" / "win_rates.json",
+        private / "audit" / "mia.json",
+        private / "train" / "metrics.jsonl",
+    ]
+    return public + aggregates
 
 
 STAGE = register(
     Stage(
         name="report",
         run=run,
-        help="Write the human report RUN_DIR/report/index.html (self-contained).",
-        reads="public artifacts of the run (ledger, reports, DP outputs, evaluation aggregates)",
-        writes="report/index.html",
+        help="Write the human reports: RUN_DIR/report/index.html (public) and "
+        "RUN_DIR/private/report/index.html (with non-DP statistics; self-contained pages).",
+        reads="public artifacts of the run; private aggregates (metrics, win rates, audit) for "
+        "the private page",
+        writes="report/index.html, private/report/index.html",
         sections=(),
         inputs=_public_inputs,
     )

@@ -7,8 +7,9 @@ Reads the embed stage's sets (``embed/synthetic.*`` public, ``private/embed/real
 * ``filter/noisy_histogram.json`` -- the DP release (nn_vote: its vector in ``noisy_votes.npy``);
 * ``filter/report.json`` -- method, K, noise, ledger figures, resampling counts (public);
 * ``private/filter/exact_histogram.json`` (nn_vote: ``exact_votes.npy``) -- the exact votes;
-* ``filter/metrics.json`` + ``filter/cluster_shares.png`` -- NON-PRIVATE evaluation on the
-  held-out real split, marked so in the JSON (only with a held-out split).
+* ``private/filter/metrics.json`` + ``private/filter/cluster_shares.png`` -- NON-PRIVATE
+  evaluation on the held-out real split (exact statistics of real records that no DP mechanism
+  released, so they stay in the private zone and reach only the private report).
 
 Privacy: one Gaussian release with L2 sensitivity 1 (``histogram``), drawn and spent on the
 ledger through :mod:`dpray.privacy.mechanisms.gaussian` as
@@ -219,9 +220,14 @@ def _write_release(
 def _evaluate(
     run_dir: RunDir, config: DprayConfig, synthetic: np.ndarray, outcome: FilterOutcome
 ) -> dict[str, str]:
-    """Non-private evaluation on the held-out split (skipped, and said so, without one)."""
+    """Non-private evaluation on the held-out split (skipped, and said so, without one).
+
+    Written under ``private/filter/``: the numbers and the plot are exact statistics of held-out
+    real records, outside the ledger.
+    """
     fc = config.filter
-    path = run_dir.public(STAGE_NAME) / "metrics.json"
+    zone = run_dir.private(STAGE_NAME)
+    path = zone / "metrics.json"
     prefix = run_dir.private("embed") / "heldout"
     if not prefix.with_suffix(".npy").exists():
         heldout = np.zeros((0, synthetic.shape[1]), dtype=np.float32)
@@ -241,11 +247,11 @@ def _evaluate(
         repeats=fc.metrics_subsamples,
         seed=fc.seed,
         with_mauve=fc.mauve,
-        plot_path=run_dir.public(STAGE_NAME) / "cluster_shares.png",
+        plot_path=zone / "cluster_shares.png",
     )
     out = {"metrics": str(write_json(path, result))}
     if "plot" in result:
-        out["plot"] = str(run_dir.public(STAGE_NAME) / result["plot"])
+        out["plot"] = str(zone / result["plot"])
     return out
 
 
