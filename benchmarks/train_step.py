@@ -175,9 +175,11 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, out):
     secure = aggregators["secure"]
     vec = torch.randn(dim)
     for k in range(repeats):
-        offset = data_independent_offset(secure.cfg, rank, 10_000 + k, secure.seeds, None)
+        offset = data_independent_offset(
+            secure.cfg, rank, 10_000 + k, secure.seeds, secure.offset_generator
+        )
         t0 = time.perf_counter()
-        payload = encode_with_offset(vec, secure.cfg, offset, None)
+        payload = encode_with_offset(vec, secure.cfg, offset, secure.generator)
         samples["encode"].append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()

@@ -45,6 +45,15 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_spend_again(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spend-again",
+        action="store_true",
+        help="rerun and draw every DP release anew: spends privacy budget again (the ledger "
+        "composes the new release with the earlier one); implies --force",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dpray.stages import STAGE_ORDER, STAGES
 
@@ -64,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_common(p)
-        p.add_argument("--force", action="store_true", help="rerun even if already done")
+        if stage.spends_budget:
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="rerun even if already done, reusing the saved DP release (no new spend)",
+            )
+            _add_spend_again(p)
+        else:
+            p.add_argument("--force", action="store_true", help="rerun even if already done")
+            p.set_defaults(spend_again=False)
         p.set_defaults(handler=_cmd_stage, stage=name)
 
     p = sub.add_parser(
@@ -76,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p)
-    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun every stage (DP stages reuse their saved releases: no new spend)",
+    )
+    _add_spend_again(p)
     p.add_argument("--stages", help="comma-separated subset of stages to run")
     p.set_defaults(handler=_cmd_run)
 
@@ -89,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p, config_required=False)
-    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun every stage (DP stages reuse their saved releases: no new spend)",
+    )
+    _add_spend_again(p)
     p.set_defaults(handler=_cmd_run, config=None, stages=None)
 
     p = sub.add_parser(
@@ -231,7 +259,9 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from dpray.stages import STAGES
 
     config, run_dir = _load(args)
-    result = run_stage(STAGES[args.stage], config, run_dir, force=args.force)
+    result = run_stage(
+        STAGES[args.stage], config, run_dir, force=args.force, spend_again=args.spend_again
+    )
     if result is None:
         print(f"{args.stage}: already done (use --force to rerun); run dir: {run_dir.root}")
     else:
@@ -245,7 +275,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config, run_dir = _load(args)
     stages = args.stages.split(",") if getattr(args, "stages", None) else None
-    run_pipeline(config, run_dir, stages=stages, force=args.force)
+    run_pipeline(config, run_dir, stages=stages, force=args.force, spend_again=args.spend_again)
     print(f"run complete; outputs in {run_dir.root}")
     print(f"  privacy ledger: {run_dir.ledger_path}")
     report = run_dir.root / "report" / "index.html"

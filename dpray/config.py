@@ -32,9 +32,10 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where the private instructions come from and how records are validated."""
 
-    path: str = Field(
+    path: str | list[str] = Field(
         description="A file, a directory of files, `hf://NAME[:split]` for a Hugging Face "
-        "dataset, or `demo://` (optionally `demo://?n=3000&seed=0`) for the embedded demo corpus."
+        "dataset, or `demo://` (optionally `demo://?n=3000&seed=0`) for the embedded demo corpus. "
+        "A list: one input per silo; partition k holds exactly the k-th path's records."
     )
     text_field: str = Field("text", description="Field holding the instruction text.")
     id_field: str | None = Field(None, description="Field holding a unique record id (optional).")
@@ -47,6 +48,17 @@ class DataConfig(Section):
         "auto", description="Input format; auto picks by file extension."
     )
     dedupe: bool = Field(True, description="Drop exact and normalised-whitespace/case duplicates.")
+    partition_field: str | None = Field(
+        None,
+        description="Field naming each record's silo: one partition per distinct value (in "
+        "sorted order).  All records of a user must name the same silo.",
+    )
+    partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Without partition_field or a list of paths: the number of partitions users "
+        "are assigned to by a keyed hash of their id (default: train.num_workers).",
+    )
     heldout_fraction: float = Field(
         0.0,
         ge=0,
@@ -54,6 +66,33 @@ class DataConfig(Section):
         description="Share of privacy units held out of training and filtering, for (non-private) "
         "evaluation only: private/ingest/heldout.parquet.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _paths_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("a list of paths needs at least one path (one per silo)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_partition(self) -> DataConfig:
+        ways = [
+            name
+            for name, used in (
+                ("partition_field", self.partition_field is not None),
+                ("a list of paths", isinstance(self.path, list)),
+                ("partitions", self.partitions is not None),
+            )
+            if used
+        ]
+        if len(ways) > 1:
+            raise ValueError(f"partitions are defined one way only; got {' and '.join(ways)}")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        """The input paths: one, or one per silo."""
+        return list(self.path) if isinstance(self.path, list) else [self.path]
 
 
 class PrivacyConfig(Section):
@@ -125,7 +164,18 @@ class TrainConfig(Section):
     noise: Literal["auto", "central", "secure"] = Field(
         "auto", description="auto: secure with more than one worker, central otherwise."
     )
-    min_honest_workers: int | None = Field(None, ge=1, description="t; default all workers.")
+    min_honest_workers: int | None = Field(
+        None,
+        ge=1,
+        description="t, secure noise: any t workers' shares alone carry the full noise, so up to "
+        "W - t curious workers learn nothing more; default W - 1 (at least 1).",
+    )
+    partition_labels: list[dict[str, str]] | None = Field(
+        None,
+        description="Pin partition k's worker to Ray nodes carrying the node labels of the k-th "
+        "entry (e.g. [{dpray-silo: a}, {dpray-silo: b}]); one entry per partition, and as many "
+        "partitions as train.num_workers.",
+    )
     secure_bits: int = Field(40, ge=16, le=56)
     checkpoint_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -626,6 +676,32 @@ class DprayConfig(Section):
         if self.privacy.unit == "user" and not self.data.user_field:
             raise ValueError("privacy.unit is 'user' but data.user_field is not set")
         return self
+
+    @model_validator(mode="after")
+    def _honest_workers_fit(self) -> DprayConfig:
+        t = self.train.min_honest_workers
+        if t is not None and t > self.train.num_workers:
+            raise ValueError(
+                f"train.min_honest_workers ({t}) exceeds train.num_workers "
+                f"({self.train.num_workers})"
+            )
+        labels = self.train.partition_labels
+        if labels is not None and len(labels) != self.train.num_workers:
+            raise ValueError(
+                f"train.partition_labels has {len(labels)} entries for "
+                f"{self.train.num_workers} workers: pinning needs one partition per worker"
+            )
+        return self
+
+    @property
+    def hash_partitions(self) -> int | None:
+        """How many partitions ingest assigns users to by keyed hash (None: by field or path).
+
+        Part of ingest's completion marker: changing ``train.num_workers`` re-partitions."""
+        data = self.data
+        if data.partition_field is not None or isinstance(data.path, list):
+            return None
+        return data.partitions or self.train.num_workers
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections (what a stage's completion marker depends on)."""

@@ -1,10 +1,16 @@
 """Stage order, completion markers, skip-if-done.
 
-A stage is *done* when its marker exists and records the same fingerprint as now: a hash of the
-config sections it depends on and of the content of the files it reads.  ``dpray run`` walks the
-stage list and reruns exactly the stages whose fingerprint changed (and so, through their outputs,
-everything downstream whose inputs changed).  Markers hash private inputs, so they live under
-``private/state/``.
+A stage is *done* when its marker exists and records the same fingerprint as now -- a hash of the
+config sections it depends on and of the content of the files it reads -- and every output it
+recorded still exists with the content it had when the stage finished.  ``dpray run`` walks the
+stage list and reruns exactly the stages whose fingerprint changed or whose outputs are gone or
+changed (and so, through their outputs, everything downstream whose inputs changed).  Markers name
+files relative to the run directory, so a moved or renamed run directory is still done.  Markers
+hash private inputs, so they live under ``private/state/``.
+
+Rerunning a DP stage (``force``, or a marker that no longer holds) does not spend the budget
+again: the stage reuses its saved release (:mod:`dpray.privacy.releases`).  Only
+``spend_again`` draws new releases, and the ledger composes them with the earlier ones.
 """
 
 from __future__ import annotations
@@ -12,36 +18,60 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from pathlib import Path
 
 import dpray
 from dpray.config import ConfigError, DprayConfig
-from dpray.rundir import RunDir, read_json, write_json
+from dpray.privacy.releases import SPEND_AGAIN_FLAG, spending_again
+from dpray.rundir import (
+    RunDir,
+    file_digest,
+    read_json,
+    relative_to_run,
+    resolve_in_run,
+    write_json,
+)
 from dpray.stages import STAGE_ORDER, STAGES
 from dpray.stages.base import Stage, StageResult
 
 log = logging.getLogger(__name__)
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's content (directories: of their files, in sorted order)."""
-    digest = hashlib.sha256()
-    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for item in paths:
-        digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode())
-        with item.open("rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(stage: Stage, config: DprayConfig, run_dir: RunDir) -> dict:
-    """What a stage's result depends on: its config sections and its input files."""
-    inputs = {str(p): file_digest(p) for p in stage.inputs(config, run_dir) if p.exists()}
+    """What a stage's result depends on: its config sections and its input files (named
+    relative to the run directory, so moving the directory changes nothing)."""
+    inputs = {
+        relative_to_run(run_dir.root, p): file_digest(p)
+        for p in stage.inputs(config, run_dir)
+        if p.exists()
+    }
     combined = hashlib.sha256(
         (config.section_hash(*stage.sections) + repr(sorted(inputs.items()))).encode()
     ).hexdigest()[:16]
     return {"fingerprint": combined, "config": config.section_hash(*stage.sections)}
+
+
+def output_records(run_dir: RunDir, outputs: dict[str, str]) -> dict[str, dict]:
+    """A marker's outputs: each path relative to the run directory, with its content digest."""
+    records = {}
+    for key, path in outputs.items():
+        absolute = resolve_in_run(run_dir.root, path)
+        records[key] = {
+            "path": relative_to_run(run_dir.root, absolute),
+            "sha256": file_digest(absolute) if absolute.exists() else None,
+        }
+    return records
+
+
+def outputs_intact(run_dir: RunDir, recorded: dict) -> bool:
+    """Every recorded output exists under this run directory with its recorded content.
+    (A marker of an older dpray, with bare absolute paths, is not trusted.)"""
+    for item in recorded.values():
+        if not isinstance(item, dict) or not item.get("sha256"):
+            return False
+        path = resolve_in_run(run_dir.root, item["path"])
+        if not path.exists() or file_digest(path) != item["sha256"]:
+            return False
+    return True
 
 
 def is_done(stage: Stage, config: DprayConfig, run_dir: RunDir) -> bool:
@@ -51,16 +81,44 @@ def is_done(stage: Stage, config: DprayConfig, run_dir: RunDir) -> bool:
     recorded = read_json(marker)
     if recorded.get("fingerprint") != fingerprint(stage, config, run_dir)["fingerprint"]:
         return False
-    return all(Path(p).exists() for p in recorded.get("outputs", {}).values())
+    return outputs_intact(run_dir, recorded.get("outputs", {}))
+
+
+def refresh_marker(run_dir: RunDir, name: str) -> None:
+    """Re-record a finished stage's output digests (the pipeline rewrites the report after the
+    leak scan; the stage is still done)."""
+    path = run_dir.marker(name)
+    if path.exists():
+        marker = read_json(path)
+        outputs = {
+            k: v["path"] for k, v in marker.get("outputs", {}).items() if isinstance(v, dict)
+        }
+        marker["outputs"] = output_records(run_dir, outputs)
+        write_json(path, marker)
 
 
 def run_stage(
-    stage: Stage, config: DprayConfig, run_dir: RunDir, force: bool = False
+    stage: Stage,
+    config: DprayConfig,
+    run_dir: RunDir,
+    force: bool = False,
+    spend_again: bool = False,
 ) -> StageResult | None:
-    """Run one stage unless done; write its marker.  Returns None when skipped."""
-    if not force and is_done(stage, config, run_dir):
+    """Run one stage unless done; write its marker.  Returns None when skipped.
+
+    ``force`` reruns a done stage; a DP stage then reuses its saved release (no new spend).
+    ``spend_again`` (implies ``force``) makes a DP stage draw a new release: a second spend,
+    composed with the first on the ledger.
+    """
+    if not (force or spend_again) and is_done(stage, config, run_dir):
         log.info("%s: already done with this config and these inputs; skipped", stage.name)
         return None
+    if spend_again and stage.spends_budget:
+        log.warning(
+            "%s: %s: DP releases are drawn anew and spend the budget again",
+            stage.name,
+            SPEND_AGAIN_FLAG,
+        )
     if stage.needs_ray:
         from dpray.runtime import ensure_ray
 
@@ -68,7 +126,8 @@ def run_stage(
     log.info("%s: started", stage.name)
     start = time.monotonic()
     try:
-        result = stage.run(config, run_dir)
+        with spending_again(spend_again):
+            result = stage.run(config, run_dir)
     finally:
         # Whatever the stage and its Ray workers wrote under private/, on whatever umask, ends
         # up owner-only (the 0700 zone root already shut it off from everyone else meanwhile).
@@ -81,7 +140,7 @@ def run_stage(
             "dpray_version": dpray.__version__,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(seconds, 3),
-            "outputs": result.outputs,
+            "outputs": output_records(run_dir, result.outputs),
         }
     )
     write_json(run_dir.marker(stage.name), marker)  # mkstemp: 0600
@@ -134,9 +193,14 @@ def final_leak_scan(config: DprayConfig, run_dir: RunDir) -> dict:
 
 
 def run_pipeline(
-    config: DprayConfig, run_dir: RunDir, stages: list[str] | None = None, force: bool = False
+    config: DprayConfig,
+    run_dir: RunDir,
+    stages: list[str] | None = None,
+    force: bool = False,
+    spend_again: bool = False,
 ) -> dict[str, StageResult | None]:
-    """Run the stages in order, skipping completed ones."""
+    """Run the stages in order, skipping completed ones (see :func:`run_stage` for ``force``
+    and ``spend_again``)."""
     unknown = sorted(set(config.skip_stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"skip_stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
@@ -148,7 +212,9 @@ def run_pipeline(
         raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
     results: dict[str, StageResult | None] = {}
     for name in names:
-        results[name] = run_stage(STAGES[name], config, run_dir, force=force)
+        results[name] = run_stage(
+            STAGES[name], config, run_dir, force=force, spend_again=spend_again
+        )
     if stages is None:
         # The leak scan runs last, over everything public including the report; the report is
         # then rewritten to show the scan's result (and scanned once more).

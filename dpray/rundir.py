@@ -21,6 +21,7 @@ which the pipeline runs after every stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -140,6 +141,37 @@ class RunDir:
     def public_files(self) -> list[Path]:
         """Every file outside ``private/`` (what a leak scan must check)."""
         return sorted(p for p in self.root.rglob("*") if p.is_file() and not self.is_private(p))
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content (a directory: of its files' relative names and contents, in
+    sorted order), so a copy elsewhere has the same digest."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for item in paths:
+        digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode())
+        with item.open("rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def relative_to_run(root: str | Path, path: str | Path) -> str:
+    """``path`` as recorded in a run's markers and release records: relative to the run
+    directory ``root`` (POSIX form) when it lies inside it, else absolute (an outside input)."""
+    path = Path(path)
+    absolute = path if path.is_absolute() else Path(root) / path
+    try:
+        return absolute.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(absolute.resolve())
+
+
+def resolve_in_run(root: str | Path, recorded: str) -> Path:
+    """Inverse of :func:`relative_to_run`: a recorded path under the run directory ``root``."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(root) / path
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -19,6 +19,7 @@ from dpray.privacy.secure_agg.aggregator import (
     quantize_share,
     simulate_round,
 )
+from dpray.privacy.secure_agg.csprng import SecureRandom
 from dpray.privacy.secure_agg.masks import (
     generate_keypair,
     pairwise_mask,
@@ -37,7 +38,12 @@ from dpray.privacy.secure_agg.skellam import (
 
 
 def _gen(seed: int) -> torch.Generator:
+    """Test inputs only (public data); noise and rounding draw from a SecureRandom."""
     return torch.Generator().manual_seed(seed)
+
+
+def _srng(seed: int) -> SecureRandom:
+    return SecureRandom.from_key(hashlib.sha256(f"test-srng|{seed}".encode()).digest())
 
 
 def _keys(num_workers: int) -> tuple[list[bytes], list[bytes]]:
@@ -102,7 +108,7 @@ def test_rotation_spreads_a_spike_and_depends_on_seed():
 def test_stochastic_round_is_unbiased_and_integer():
     x = torch.tensor([-2.75, -0.5, 0.0, 0.1, 3.5, 7.999, 2.0**39 + 0.25], dtype=torch.float64)
     reps = 20_000
-    rounded = stochastic_round(x.repeat(reps), _gen(0)).view(reps, -1)
+    rounded = stochastic_round(x.repeat(reps), _srng(0)).view(reps, -1)
     assert rounded.dtype == torch.int64
     assert torch.all((rounded == torch.floor(x).long()) | (rounded == torch.floor(x).long() + 1))
     frac = (x - torch.floor(x)).numpy()
@@ -133,16 +139,16 @@ def test_choose_scale_matches_tff_formula_and_documented_k():
 
 def test_skellam_noise_moments_and_limits():
     lam = 12345.6
-    z = skellam_noise((200_000,), lam, _gen(3))
+    z = skellam_noise((200_000,), lam, _srng(3))
     assert z.dtype == torch.int64
     zf = z.double()
     assert abs(zf.mean().item()) < 5 * math.sqrt(2 * lam / z.numel())
     assert zf.var().item() == pytest.approx(2 * lam, rel=0.02)
-    big = skellam_noise(100_000, MAX_LAMBDA, _gen(4)).double()
+    big = skellam_noise(100_000, MAX_LAMBDA, _srng(4)).double()
     assert big.var().item() == pytest.approx(2 * MAX_LAMBDA, rel=0.03)
-    assert torch.equal(skellam_noise(5, 0.0, _gen(0)), torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(skellam_noise(5, 0.0, _srng(0)), torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError):
-        skellam_noise(5, MAX_LAMBDA * 1.01, _gen(0))
+        skellam_noise(5, MAX_LAMBDA * 1.01, _srng(0))
 
 
 def test_share_lambda_total_variance():
@@ -257,7 +263,7 @@ def test_single_payload_is_uniform_but_unmasked_share_is_not():
     )
     seeds = _all_seeds(num_workers)
     x = _unit_inputs(1, dim, 16.0, seed=4)[0]
-    payload = encode(x, cfg, 0, 9, seeds[0], _gen(1))
+    payload = encode(x, cfg, 0, 9, seeds[0], _srng(1))
     assert payload.min() >= 0 and payload.max() < 2**bits
     low = (payload & 0xFF).numpy()
     high = (payload >> (bits - 8)).numpy()
@@ -265,7 +271,7 @@ def test_single_payload_is_uniform_but_unmasked_share_is_not():
         counts = np.bincount(byte, minlength=256)
         assert stats.chisquare(counts).pvalue > 1e-3
     # the same test has power: the unmasked share sits near 0 mod 2^b
-    share_high = ((quantize_share(x, cfg, _gen(1)) & (2**bits - 1)) >> (bits - 8)).numpy()
+    share_high = ((quantize_share(x, cfg, _srng(1)) & (2**bits - 1)) >> (bits - 8)).numpy()
     assert stats.chisquare(np.bincount(share_high, minlength=256)).pvalue < 1e-12
 
 
@@ -279,17 +285,17 @@ def test_no_modular_wrap_in_normal_configurations():
     cfg = SecureAggConfig.create(
         dim=dim, num_workers=num_workers, noise_multiplier=1.0, clip_norm=clip, max_norm=max_norm
     )
-    total = sum(quantize_share(x, cfg, _gen(r)) for r in range(num_workers))
+    total = sum(quantize_share(x, cfg, _srng(r)) for r in range(num_workers))
     assert total.abs().max().item() < half / 1e3  # sampler-capped scale: far from the edge
 
     # the uncapped choose_scale scale (noise replaced by Gaussian of the same variance, since
-    # torch.poisson cannot sample its λ ~ 1e20): still no wrap, by the union-bound margin
+    # the Poisson sampler cannot sample its λ ~ 1e20): still no wrap, by the union-bound margin
     noise_std = 1.0 * clip / math.sqrt(num_workers)
     s = choose_scale(40, dim, num_workers, max_norm, noise_std)
-    g = _gen(7)
+    g, rounding = _gen(7), _srng(7)
     total = torch.zeros(padded_dim(dim), dtype=torch.float64)
     for _ in range(num_workers):
-        total += stochastic_round(rotate(x, 0) * s, g).double()
+        total += stochastic_round(rotate(x, 0) * s, rounding).double()
         total += torch.randn(padded_dim(dim), dtype=torch.float64, generator=g) * s * noise_std
     peak = total.abs().max().item()
     assert peak < half
@@ -304,9 +310,9 @@ def test_encode_validates_inputs():
     seeds = _all_seeds(3)
     x = torch.zeros(100)
     with pytest.raises(ValueError):
-        encode(x, cfg, 0, 0, {1: seeds[0][1]}, _gen(0))  # a missing peer: masks cannot cancel
+        encode(x, cfg, 0, 0, {1: seeds[0][1]}, _srng(0))  # a missing peer: masks cannot cancel
     with pytest.raises(ValueError):
-        encode(torch.zeros(99), cfg, 0, 0, seeds[0], _gen(0))
+        encode(torch.zeros(99), cfg, 0, 0, seeds[0], _srng(0))
     with pytest.raises(ValueError):
         SecureAggConfig(40, 1.0, 1.0, 1.0, 1, 2**23, 0, 10)  # W * 2^40 >= 2^63
     with pytest.raises(ValueError):

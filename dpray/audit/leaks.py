@@ -440,15 +440,17 @@ def public_inputs(run_dir: RunDir, config: DprayConfig | None = None) -> PublicI
                 roots.append(Path(value).expanduser())
     package = Path(__file__).resolve().parents[1]
     roots += [package / "configs", package / "data"]  # shipped configs and public prompt data
-    data = None
-    if config is not None and "://" not in config.data.path:
-        data = Path(config.data.path).expanduser().resolve()
+    private_inputs = []  # data.path: one path, or one per silo
+    if config is not None:
+        private_inputs = [
+            Path(p).expanduser().resolve() for p in config.data.paths if "://" not in p
+        ]
     files: dict[Path, None] = {}
     for root in roots:
         root = root.resolve()
         if root.is_relative_to(run_dir.root) or run_dir.root.is_relative_to(root):
             continue  # a run output (ppo.policy defaults to RUN_DIR/sft/model), not an input
-        if data is not None and (root.is_relative_to(data) or data.is_relative_to(root)):
+        if any(root.is_relative_to(data) or data.is_relative_to(root) for data in private_inputs):
             log.warning("leak scan: %s overlaps data.path: private, not a public input", root)
             continue
         for path in _files_under(root):

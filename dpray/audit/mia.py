@@ -148,6 +148,23 @@ def _train(config: DprayConfig, audit_dir: RunDir, dp: bool, steps: int):
     return train_generator(cfg, audit_dir, ledger_required=dp, out_dir=audit_dir.root / "generator")
 
 
+def _write_partitions(config: DprayConfig, audit_dir: RunDir, ids: list, texts: list) -> None:
+    """The audit's training set cut into one partition per worker (each worker reads its own)."""
+    from dpray.io import partitions as parts
+
+    count = config.train.num_workers
+    key = parts.partition_key(config.seed)
+    records = [{"id": i, "text": t, "user_id": i} for i, t in zip(ids, texts, strict=True)]
+    parts.write_partitions(
+        audit_dir.private("ingest") / parts.DIRNAME,
+        records,
+        [parts.hash_partition(i, key, count) for i in ids],
+        count,
+        by="hash",
+        unit=config.privacy.unit,
+    )
+
+
 def _training_format(audit_dir: RunDir) -> dict:
     """The prompt and stop token the audit model was trained with (its generator.json)."""
     import json
@@ -196,6 +213,7 @@ def run_mia_audit(config: DprayConfig, run_dir: RunDir) -> dict:
             pa.table({"id": ids, "text": training, "user_id": ids}),
             audit_dir.private("ingest") / "instructions.parquet",
         )
+        _write_partitions(config, audit_dir, ids, training)
         log.info("audit mia: training the %s model (%d steps)", name, steps)
         summary = _train(config, audit_dir, dp, steps).summary
         model, tokenizer = _load(model_path, audit_dir.root / "generator" / "adapter")

@@ -31,6 +31,8 @@ class Stage:
     ``sections``: the config sections its result depends on (part of the completion marker).
     ``inputs``: files of earlier stages it reads (their content hashes are part of the marker).
     ``needs_ray``: whether the driver must connect to Ray before calling it.
+    ``spends_budget``: whether it makes DP releases (spends on the ledger).  A rerun of such a
+    stage reuses its saved release unless asked to spend again (``--spend-again``).
     """
 
     name: str
@@ -41,6 +43,7 @@ class Stage:
     sections: tuple[str, ...]
     inputs: Callable[[DprayConfig, RunDir], list[Path]] = lambda config, run_dir: []
     needs_ray: bool = False
+    spends_budget: bool = False
 
 
 STAGES: dict[str, Stage] = {}

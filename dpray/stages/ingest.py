@@ -2,9 +2,12 @@
 
 Reads ``data.path``; writes ``RUN_DIR/private/ingest/instructions.parquet`` (id, text, user_id) and, with
 ``data.heldout_fraction``, ``private/ingest/heldout.parquet`` (evaluation only, never trained on),
-the public counts-only report ``RUN_DIR/ingest/report.json``, the private list of problem
-locations ``RUN_DIR/private/ingest/problems.jsonl``, and opens the privacy ledger with the target
-(epsilon, delta) where delta defaults to 1/(n ln n) for the n privacy units kept.
+the same training records cut into partitions (silos), one file each, for the training workers
+(``private/ingest/partitions/``, see :mod:`dpray.io.partitions`), the public counts-only report
+``RUN_DIR/ingest/report.json``, the private list of problem locations
+``RUN_DIR/private/ingest/problems.jsonl``, and opens the privacy ledger with the target
+(epsilon, delta) where delta defaults to 1/(n ln n) for the n privacy units kept.  The report's
+counts (n among them) are released without noise: see the threat model in the README.
 
 Bad records are named by file and line plus a reason code, never by their text.  With
 ``data.on_error: skip`` they are dropped and counted; with ``fail`` the first one stops the run.
@@ -26,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpray.config import DprayConfig
+from dpray.io import partitions as parts
 from dpray.io.readers import EXTENSIONS, RawRow, iter_rows
 from dpray.privacy.ledger import Ledger
 from dpray.privacy.redact import describe
@@ -43,6 +47,8 @@ TOO_LONG = "too_long"
 MISSING_ID = "missing_id"
 DUPLICATE_ID = "duplicate_id"
 MISSING_USER = "missing_user"
+MISSING_PARTITION = "missing_partition"
+PARTITION_CONFLICT = "partition_conflict"
 # Records dropped by policy (valid input, removed on purpose).
 DUPLICATE_TEXT = "duplicate_text"
 USER_CAP = "user_cap"
@@ -108,11 +114,24 @@ class _Collector:
         self.problems.append({"source": row.source, row.unit: row.line, "reason": reason})
 
 
+def _labelled_rows(config: DprayConfig):
+    """``(row, silo)`` for every input row: the silo is the path's index for a list of paths."""
+    data = config.data
+    if isinstance(data.path, list):
+        for k, path in enumerate(data.path):
+            for row in iter_rows(path, data.format):
+                yield row, k
+    else:
+        for row in iter_rows(data.path, data.format):
+            yield row, None
+
+
 def _validate(config: DprayConfig, rows, collector: _Collector) -> list[dict]:
     data, privacy = config.data, config.privacy
     seen_ids: set[str] = set()
+    silo_of_user: dict[str, object] = {}
     kept: list[dict] = []
-    for row in rows:
+    for row, silo in rows:
         collector.rows_in += 1
         if row.error:
             collector.reject(row, row.error)
@@ -148,7 +167,17 @@ def _validate(config: DprayConfig, rows, collector: _Collector) -> list[dict]:
                 collector.reject(row, MISSING_USER)
                 continue
             user_id = record_id
-        kept.append({"id": record_id, "text": text, "user_id": user_id, "_row": row})
+        if data.partition_field:
+            raw_silo = fields.get(data.partition_field)
+            silo = _as_key(raw_silo)
+            if silo is None:
+                collector.reject(row, MISSING_PARTITION if raw_silo is None else WRONG_TYPE)
+                continue
+        # each user in exactly one partition: the silo of the user's first record
+        if silo is not None and silo_of_user.setdefault(user_id, silo) != silo:
+            collector.reject(row, PARTITION_CONFLICT)
+            continue
+        kept.append({"id": record_id, "text": text, "user_id": user_id, "_row": row, "_silo": silo})
     return kept
 
 
@@ -194,7 +223,8 @@ def _cap_users(records: list[dict], cap: int, seed: int, collector: _Collector) 
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     """Validate, dedupe and cap the private instructions; open the ledger."""
     collector = _Collector(config.data.on_error)
-    records = _validate(config, iter_rows(config.data.path, config.data.format), collector)
+    records = _validate(config, _labelled_rows(config), collector)
+    silos = _silos(config, records)
     user_level = config.privacy.unit == "user"
     if config.data.dedupe:
         records = _dedupe(records, per_user=user_level, collector=collector)
@@ -207,12 +237,13 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     records, heldout = _split_heldout(records, config.data.heldout_fraction, config.seed)
     units = len({r["user_id"] for r in records}) if user_level else len(records)
     if units < 3:
-        raise IngestError(f"{config.data.path}: only {units} valid privacy units remain")
+        raise IngestError(f"{_source_name(config)}: only {units} valid privacy units remain")
     private = run_dir.private("ingest")
     out_path = private / "instructions.parquet"
     pq.write_table(_table(records), out_path)
     heldout_path = private / "heldout.parquet"
     pq.write_table(_table(heldout), heldout_path)
+    manifest = _write_partitions(config, private / parts.DIRNAME, records, silos)
     _write_problems(private / "problems.jsonl", collector.problems)
 
     delta = config.privacy.resolve_delta(units)
@@ -233,9 +264,44 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         outputs={
             "instructions": str(out_path),
             "heldout": str(heldout_path),
+            "partitions": str(private / parts.DIRNAME / parts.MANIFEST),
             "report": str(report_path),
         },
-        summary=report,
+        summary={**report, "partitions": manifest["count"], "partitioned_by": manifest["by"]},
+    )
+
+
+def _source_name(config: DprayConfig) -> str:
+    paths = config.data.paths
+    return paths[0] if len(paths) == 1 else f"{len(paths)} silo paths"
+
+
+def _silos(config: DprayConfig, records: list[dict]) -> list | None:
+    """The partitions' silo names in partition order (None: partitions by keyed hash)."""
+    if isinstance(config.data.path, list):
+        return list(range(len(config.data.path)))
+    if config.data.partition_field:
+        return sorted({r["_silo"] for r in records})
+    return None
+
+
+def _write_partitions(
+    config: DprayConfig, directory: Path, records: list[dict], silos: list | None
+) -> dict:
+    """Cut the training records into partitions, each user in exactly one (see
+    :mod:`dpray.io.partitions`); held-out records are in none."""
+    unit = config.privacy.unit
+    if silos is None:
+        count = config.hash_partitions
+        key = parts.partition_key(config.seed)
+        assignment = [parts.hash_partition(r["user_id"], key, count) for r in records]
+        return parts.write_partitions(directory, records, assignment, count, by="hash", unit=unit)
+    index = {silo: k for k, silo in enumerate(silos)}
+    assignment = [index[r["_silo"]] for r in records]
+    by = "path" if isinstance(config.data.path, list) else "field"
+    names = config.data.paths if by == "path" else [str(s) for s in silos]
+    return parts.write_partitions(
+        directory, records, assignment, len(silos), by=by, unit=unit, names=names
     )
 
 
@@ -293,13 +359,18 @@ def _log_summary(collector: _Collector, report: dict) -> None:
 
 
 def _data_files(config: DprayConfig, run_dir: RunDir) -> list[Path]:
-    path = config.data.path
-    if "://" in path:
-        return []
-    root = Path(path).expanduser()
-    if root.is_dir():
-        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
-    return [root] if root.exists() else []
+    files: list[Path] = []
+    for path in config.data.paths:
+        if "://" in path:
+            continue
+        root = Path(path).expanduser()
+        if root.is_dir():
+            files += sorted(
+                p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
+            )
+        elif root.exists():
+            files.append(root)
+    return files
 
 
 STAGE = register(
@@ -308,9 +379,10 @@ STAGE = register(
         run=run,
         help="Validate, dedupe and cap the private instructions.",
         reads="data.path (JSONL, JSON, CSV, Parquet, a directory of them, hf://, demo://)",
-        writes="private/ingest/instructions.parquet, private/ingest/problems.jsonl, "
-        "ingest/report.json (counts only), ledger.json (target)",
-        sections=("data", "privacy", "seed"),
+        writes="private/ingest/instructions.parquet, private/ingest/partitions/ (one file per "
+        "silo), private/ingest/problems.jsonl, ingest/report.json (counts only), ledger.json "
+        "(target)",
+        sections=("data", "privacy", "seed", "hash_partitions"),
         inputs=_data_files,
     )
 )

@@ -29,8 +29,13 @@ Threat model
   workers' quantized inputs plus their ``≥ t`` Skellam shares, i.e. at least the full central
   noise ``Sk`` of variance ``(s·σ·C)^2``: the DP guarantee holds for the honest workers' data.
   Masks between two honest workers stay unknown, so individual honest payloads stay hidden.
-* The rounding and noise randomness must be private to each worker (:func:`private_generator`);
-  the rotation seed is public and shared.
+* The rounding and noise randomness must be private to each worker: it comes from the worker's
+  own :class:`~dpray.privacy.secure_agg.csprng.SecureRandom` (:func:`private_generator`: the
+  ChaCha20 keystream under a fresh 256-bit key from the OS), so a peer can neither predict nor
+  reconstruct another worker's share; the rotation seed is public and shared.
+* ``min_honest_workers`` defaults to ``W - 1`` (at least 1): one curious worker -- the usual
+  cross-silo case, where each worker is a data holder that knows its own share -- learns the
+  others' sum only under the full noise.
 * No dropout tolerance: seeds are not secret-shared (unlike Bonawitz et al.), so if any worker's
   payload is missing the masks do not cancel and the step must be aborted.  A retried step must
   use a new ``step`` value (round counter): reusing (seed, step) for two payloads leaks their
@@ -43,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 import statistics
 import time
 from collections.abc import Sequence
@@ -52,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dpray.privacy.secure_agg.csprng import SecureRandom
 from dpray.privacy.secure_agg.masks import public_key_from_private, shared_seed, worker_mask
 from dpray.privacy.secure_agg.quantize import (
     MAX_BITS,
@@ -64,6 +69,7 @@ from dpray.privacy.secure_agg.skellam import max_scale_for_sampler, share_lambda
 
 __all__ = [
     "SecureAggConfig",
+    "default_min_honest_workers",
     "private_generator",
     "pairwise_seeds",
     "quantize_share",
@@ -133,10 +139,10 @@ class SecureAggConfig:
         ``max_norm`` bounds the L2 norm of one worker's input (``clip_norm`` × max examples per
         worker per step).  The scale is ``min`` of :func:`choose_scale` (no modular wrap; the
         per-worker noise std is ``σ·C/sqrt(t)``) and :func:`max_scale_for_sampler` (keeps
-        ``torch.poisson`` in its accurate range).  ``min_honest_workers`` defaults to all
-        workers.
+        the Poisson sampler in its accurate range).  ``min_honest_workers`` defaults to
+        :func:`default_min_honest_workers` (``W - 1``, at least 1).
         """
-        t = num_workers if min_honest_workers is None else min_honest_workers
+        t = default_min_honest_workers(num_workers, min_honest_workers)
         noise_std = noise_multiplier * clip_norm / math.sqrt(t)
         scale = min(
             choose_scale(bits, dim, num_workers, max_norm, noise_std, k, wrap_prob=wrap_prob),
@@ -162,15 +168,21 @@ class SecureAggConfig:
         )
 
 
-def private_generator(device: str = "cpu") -> torch.Generator:
-    """Generator for rounding and noise, seeded from the OS CSPRNG.
+def default_min_honest_workers(num_workers: int, requested: int | None = None) -> int:
+    """``t``: ``requested`` if given, else ``W - 1`` (at least 1): one curious worker tolerated."""
+    if requested is not None:
+        return int(requested)
+    return max(1, int(num_workers) - 1)
 
-    Peers must not be able to predict a worker's noise share (they could subtract it).  Never
-    seed it from the rank, the step or the rotation seed.
+
+def private_generator() -> SecureRandom:
+    """A worker's source for rounding and noise: ChaCha20 keyed with 256 bits from the OS.
+
+    Peers must not be able to predict a worker's noise share (they could subtract it), so this is
+    a cryptographic generator, never a Mersenne Twister, and never seeded from the rank, the step
+    or the rotation seed.
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(secrets.randbits(63))
-    return gen
+    return SecureRandom()
 
 
 def pairwise_seeds(
@@ -184,9 +196,7 @@ def pairwise_seeds(
     }
 
 
-def quantize_share(
-    x: torch.Tensor, cfg: SecureAggConfig, generator: torch.Generator | None
-) -> torch.Tensor:
+def quantize_share(x: torch.Tensor, cfg: SecureAggConfig, generator: SecureRandom) -> torch.Tensor:
     """Signed, pre-modular integer share ``round(s·R x) + Sk(λ)`` of length ``D``; int64.
 
     Exposed for diagnostics and tests (e.g. checking that totals stay far from the wrap
@@ -208,7 +218,7 @@ def data_independent_offset(
     rank: int,
     step: int,
     seeds_by_peer: dict[int, bytes],
-    generator: torch.Generator | None,
+    generator: SecureRandom,
 ) -> torch.Tensor:
     """The part of a payload that does not depend on the gradient: Skellam share + mask mod 2^b.
 
@@ -237,7 +247,7 @@ def encode_with_offset(
     x: torch.Tensor,
     cfg: SecureAggConfig,
     offset: torch.Tensor,
-    generator: torch.Generator | None,
+    generator: SecureRandom,
 ) -> torch.Tensor:
     """Payload ``round(s·R x) + offset mod 2^b`` from a :func:`data_independent_offset`."""
     if x.dim() != 1 or x.shape[0] != cfg.dim:
@@ -254,7 +264,7 @@ def encode(
     rank: int,
     step: int,
     seeds_by_peer: dict[int, bytes],
-    generator: torch.Generator | None,
+    generator: SecureRandom,
 ) -> torch.Tensor:
     """One worker's masked payload, int64 in ``[0, 2^b)``, length ``D``, on CPU.
 
@@ -299,8 +309,8 @@ def simulate_round(
     context = f"simulate_round|{seed}".encode()
     total = torch.zeros(cfg.padded_dim, dtype=torch.int64)
     for rank, x in enumerate(xs):
-        gen_seed = hashlib.sha256(f"dpray-simulate-gen|{seed}|{rank}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(gen_seed[:8], "little") >> 1)
+        gen_key = hashlib.sha256(f"dpray-simulate-gen|{seed}|{rank}".encode()).digest()
+        gen = SecureRandom.from_key(gen_key)
         seeds = pairwise_seeds(rank, privates[rank], publics, context)
         total.add_(encode(x, cfg, rank, step, seeds, gen))
     return decode(total, cfg)
@@ -360,7 +370,7 @@ def benchmark_encode(
         max_norm=10.0,
     )
     seeds = {p: hashlib.sha256(bytes([p])).digest() for p in range(1, num_workers)}
-    gen = torch.Generator().manual_seed(0)
+    gen = SecureRandom.from_key(bytes(32))  # a benchmark: a fixed key is fine here
     big_d = cfg.padded_dim
 
     def timed(fn) -> float:

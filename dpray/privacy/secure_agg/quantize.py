@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from dpray.privacy.secure_agg.csprng import SecureRandom
 from dpray.privacy.secure_agg.rotation import padded_dim
 
 __all__ = ["MAX_BITS", "stochastic_round", "stochastic_round_", "wrap_k", "choose_scale"]
@@ -28,25 +29,28 @@ __all__ = ["MAX_BITS", "stochastic_round", "stochastic_round_", "wrap_k", "choos
 MAX_BITS = 48
 
 
-def stochastic_round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, generator: SecureRandom) -> torch.Tensor:
     """Round each entry to ``floor(x)`` or ``floor(x) + 1`` with ``E[round(x)] = x``; int64.
 
     Unbiasedness matters because the server *sums* the rounded vectors of all workers and of all
     steps: biased rounding would accumulate a drift, unbiased rounding only adds zero-mean error
     bounded by 1 per coordinate.  Rounds up with probability ``frac(x)`` using a uniform draw from
-    ``generator`` (which must be private to the worker; see ``aggregator.private_generator``).
+    ``generator`` (the worker's own :class:`~dpray.privacy.secure_agg.csprng.SecureRandom`; see
+    ``aggregator.private_generator``).
     """
     return stochastic_round_(x.to(torch.float64, copy=True), generator)
 
 
-def stochastic_round_(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def stochastic_round_(x: torch.Tensor, generator: SecureRandom) -> torch.Tensor:
     """:func:`stochastic_round` that consumes ``x`` (float64; overwritten) to save allocations."""
     if x.dtype != torch.float64:
         raise TypeError("stochastic_round_ needs a float64 tensor")
+    if not isinstance(generator, SecureRandom):
+        raise TypeError(f"rounding must draw from a SecureRandom, not {type(generator).__name__}")
     floor = torch.floor(x)
     # exact for x >= 0 and x <= -1; for x in (-1, 0) x + 1 may round (bias < 2^-53)
     frac = x.sub_(floor)  # in [0, 1]
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+    u = generator.uniform(x.numel()).view(x.shape).to(x.device)
     floor.add_(u.lt_(frac))  # lt_ writes 1.0 where u < frac, else 0.0
     return floor.to(torch.int64)
 

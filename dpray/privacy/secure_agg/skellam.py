@@ -12,15 +12,20 @@ Each of the ``W`` workers adds an independent share ``Sk(λ)`` with
 ``t = W`` the total is exactly that; with ``t < W`` the total is ``W/t`` times larger (the price
 of tolerating ``W - t`` curious workers that know -- and could subtract -- their own shares).
 
-Sampler limits: ``torch.poisson`` uses Hörmann's PTRS rejection sampler in float64 with an
-int64 candidate.  Its log-acceptance test carries a rounding error of about ``λ·ln(λ)·2^-52``
-(~7e-3 at ``2^40``, ~8 at ``1e15``); measured variance is off by ~1% at ``λ = 1e15`` and by 57% at
-``1e18``, and above ``2^63`` the candidate overflows (``λ = 1e20`` returns ``-2^63``).  Scales
-chosen purely by the modulus (:func:`~dpray.privacy.secure_agg.quantize.choose_scale` with
-``b = 40``) imply ``λ ~ 1e20``, so we refuse ``λ > MAX_LAMBDA = 2^40`` and callers cap the scale
-with :func:`max_scale_for_sampler`.  At ``2^40`` the measured variance and kurtosis match Skellam
-to within sampling error.  This is a floating-point sampler, not a constant-time exact discrete
-sampler; deployments facing a strong adversary should swap one in behind :func:`skellam_noise`.
+Randomness: every share is drawn from the worker's :class:`~dpray.privacy.secure_agg.csprng.
+SecureRandom` (the ChaCha20 keystream under a 256-bit key from the OS), never from a Mersenne
+Twister such as ``torch.Generator``: a peer able to predict a share could subtract it.  Anything
+else passed as the generator is refused.
+
+Sampler limits: the Poisson draws use Hörmann's PTRS rejection sampler in float64 (see
+:mod:`~dpray.privacy.secure_agg.csprng`; its acceptance test avoids the ``λ·ln(λ)·2^-52``
+cancellation of the textbook form).  Scales chosen purely by the modulus
+(:func:`~dpray.privacy.secure_agg.quantize.choose_scale` with ``b = 40``) imply ``λ ~ 1e20``,
+where float64 can no longer represent the candidates' spacing, so we refuse
+``λ > MAX_LAMBDA = 2^40`` and callers cap the scale with :func:`max_scale_for_sampler`.  At
+``2^40`` the measured variance matches Skellam to within sampling error.  This is a
+floating-point sampler, not a constant-time exact discrete sampler; deployments facing a strong
+adversary should swap one in behind :func:`skellam_noise`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dpray.privacy.secure_agg.csprng import SecureRandom
 
 __all__ = ["MAX_LAMBDA", "skellam_noise", "share_lambda", "max_scale_for_sampler"]
 
@@ -37,29 +44,31 @@ MAX_LAMBDA = float(2**40)
 def skellam_noise(
     shape: tuple[int, ...] | torch.Size | int,
     lam: float,
-    generator: torch.Generator | None,
+    generator: SecureRandom,
 ) -> torch.Tensor:
     """Draw i.i.d. ``Poisson(lam) - Poisson(lam)`` (variance ``2·lam``) as an int64 tensor.
 
-    ``generator`` must be private to the worker: anyone who can predict a worker's share can
-    subtract it from the aggregate.
+    ``generator`` must be the worker's own :class:`SecureRandom`: anyone who can predict a
+    worker's share can subtract it from the aggregate.
     """
+    if not isinstance(generator, SecureRandom):
+        raise TypeError(
+            "Skellam shares must be drawn from a SecureRandom (ChaCha20, OS-keyed), not from "
+            f"{type(generator).__name__}"
+        )
     if isinstance(shape, int):
         shape = (shape,)
     if lam < 0 or not math.isfinite(lam):
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
     if lam > MAX_LAMBDA:
         raise ValueError(
-            f"lam={lam:.3g} exceeds MAX_LAMBDA={MAX_LAMBDA:.3g}: torch.poisson is inaccurate there; "
-            "lower the quantization scale (see max_scale_for_sampler)"
+            f"lam={lam:.3g} exceeds MAX_LAMBDA={MAX_LAMBDA:.3g}: the float64 sampler is "
+            "inaccurate there; lower the quantization scale (see max_scale_for_sampler)"
         )
     if lam == 0:
         return torch.zeros(shape, dtype=torch.int64)
-    rate = torch.full(tuple(shape), float(lam), dtype=torch.float64)
-    first = torch.poisson(rate, generator=generator)
-    second = torch.poisson(rate, generator=generator)
-    # Both are exact integers < 2^53 (lam <= 2^40), so the float difference is exact.
-    return first.sub_(second).to(torch.int64)
+    first = generator.poisson(tuple(shape), float(lam))
+    return first.sub_(generator.poisson(tuple(shape), float(lam)))
 
 
 def share_lambda(

@@ -23,6 +23,7 @@ STAGE = register(
         sections=("filter", "privacy"),
         inputs=inputs,
         needs_ray=False,
+        spends_budget=True,
     )
 )
 

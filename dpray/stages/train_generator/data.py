@@ -7,8 +7,9 @@ the template, and EOS).  The loss covers only the instruction and the stop token
 stage starts generation from exactly the same prompt.
 
 Sampling is true Poisson sampling: at every step each privacy unit (a record, or a user with all
-their records) joins independently with probability q.  Each worker samples its own disjoint
-shard, so the union is a Poisson sample of the whole set.  The randomness comes from a secret
+their records) joins independently with probability q.  Each worker samples its own partition
+(:func:`read_partition_units`; partitions are disjoint, each user in exactly one), so the union is
+a Poisson sample of the whole set.  The randomness comes from a secret
 seed that every worker draws from the OS at the start of every attempt (:class:`PoissonSampler`;
 held in memory only: never logged, never in a checkpoint), so the realised batch stays private
 and a step redone after a restart samples a fresh batch, independent of the lost attempt's -- the
@@ -150,6 +151,30 @@ def pack_micro_batches(unit_sizes: list[int], max_rows: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def read_partition_units(files, unit: str) -> tuple[list[list[int]], list[str], list[str]]:
+    """Privacy units of some partition files: ``(members, texts, ids)``.
+
+    ``members`` lists each unit's record indices into ``texts``/``ids``: one record each at
+    instruction level, a user's records (all in one partition) at user level.
+    """
+    import pyarrow.parquet as pq
+
+    texts: list[str] = []
+    ids: list[str] = []
+    users: list[str] = []
+    for path in files:
+        table = pq.read_table(path, columns=["id", "text", "user_id"])
+        texts += table.column("text").to_pylist()
+        ids += table.column("id").to_pylist()
+        users += table.column("user_id").to_pylist()
+    if unit == "user":
+        groups: dict[str, list[int]] = {}
+        for index, user in enumerate(users):
+            groups.setdefault(user, []).append(index)
+        return list(groups.values()), texts, ids
+    return [[i] for i in range(len(texts))], texts, ids
 
 
 def shard_units(num_units: int, rank: int, world_size: int) -> np.ndarray:

@@ -6,7 +6,9 @@
 writes ``generator/generator.json``: its strategy, prompt format, the prompts and stop tokens the
 sampling stage starts from, and what it spent.
 
-dp_finetune reads ``private/ingest/instructions.parquet``; writes the PEFT adapter to
+dp_finetune reads nothing private on the driver: each Ray Train worker reads its own partition of
+``private/ingest/partitions/`` (the driver learns only n, released by ingest, and the number of
+partitions; see :mod:`dpray.io.partitions`); it writes the PEFT adapter to
 ``RUN_DIR/generator/adapter`` (DP output: public), ``generator/generator.json`` (how to sample
 from it), ``generator/metrics.jsonl`` (step, epsilon, step time), private metrics (loss, batch
 sizes: not DP) and Ray Train checkpoints under ``private/train/``, and the spend to the ledger.
@@ -30,11 +32,11 @@ import pyarrow.parquet as pq
 import torch
 
 from dpray.config import ConfigError, DprayConfig
+from dpray.io import partitions as parts
 from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.ledger import BudgetExceededError, Ledger
 from dpray.rundir import RunDir, write_json
 from dpray.stages.base import Stage, StageResult, register
-from dpray.stages.train_generator.data import tokenize_instructions
 from dpray.stages.train_generator.formats import PromptFormat, build_format, resolve_format
 from dpray.stages.train_generator.noise import resolve_scheme
 from dpray.stages.train_generator.worker import (
@@ -79,7 +81,7 @@ def secure_fields_for(plan: dict, dim: int, num_units: int) -> dict | None:
         num_workers=world,
         noise_multiplier=plan["noise_multiplier"],
         clip_norm=plan["clip_norm"],
-        max_norm=plan["clip_norm"] * max(1, math.ceil(num_units / world)),
+        max_norm=plan["clip_norm"] * max(1, num_units),  # as the workers: n bounds any one
         bits=plan["secure_bits"],
         min_honest_workers=plan["min_honest_workers"],
     )
@@ -172,14 +174,9 @@ def train_generator(
     from dpray.models import resolve_causal_lm
 
     tc = config.train
-    units = load_units(run_dir, config.privacy.unit)
-    n = len(units.members)
-    biggest = max(len(m) for m in units.members)
-    if biggest > tc.micro_batch_size:
-        raise ConfigError(
-            f"train.micro_batch_size ({tc.micro_batch_size}) must be >= the records of one "
-            f"user ({biggest}); raise it or lower privacy.max_records_per_user"
-        )
+    partitions_dir = run_dir.private("ingest") / parts.DIRNAME
+    manifest = _partition_manifest(config, partitions_dir)
+    n = int(manifest["units"])  # released by ingest (report.json); no record is read here
     q = min(1.0, tc.expected_batch_size / n)
     steps = tc.steps or max(1, math.ceil(tc.epochs / q))
     scheme = resolve_scheme(tc.noise, tc.num_workers)
@@ -187,10 +184,6 @@ def train_generator(
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     fmt = prompt_format(config, tokenizer, "dp_finetune")
     prompt = fmt.prompts[0]
-    seqs = tokenize_instructions(
-        units.texts, tokenizer, tc.max_tokens, prompt=prompt, stop_id=fmt.stop_ids[0]
-    )
-    grouped = [[seqs[i] for i in members] for members in units.members]
 
     private = run_dir.private("train")
     public = run_dir.public("generator") if out_dir is None else Path(out_dir)
@@ -221,6 +214,15 @@ def train_generator(
         "checkpoint_every": tc.checkpoint_every,
         "prompt_len": len(prompt),
         "pad_id": int(tokenizer.pad_token_id or tokenizer.eos_token_id),
+        # where each worker finds its own partition: a folder and a count, never a record
+        "partitions_dir": str(partitions_dir),
+        "partition_count": int(manifest["count"]),
+        "partition_labels": tc.partition_labels,
+        "unit": config.privacy.unit,
+        "num_units": n,
+        "max_tokens": tc.max_tokens,
+        "prompt_ids": [int(t) for t in prompt],
+        "stop_id": int(fmt.stop_ids[0]),
         "private_dir": str(private),
         "public_metrics": str(public / "metrics.jsonl"),
         "private_metrics": str(private / "metrics.jsonl"),
@@ -255,7 +257,7 @@ def train_generator(
         scheme,
         tc.num_workers,
     )
-    checkpoint_dir = _fit(plan, grouped, tc, private)
+    checkpoint_dir = _fit(plan, tc, private)
 
     adapter_dir = public / "adapter"
     _save_adapter(model, checkpoint_dir, adapter_dir)
@@ -295,15 +297,50 @@ def train_generator(
     )
 
 
-def _fit(plan: dict, grouped: list, tc, private: Path) -> Path:
-    """Run the TorchTrainer; return the final checkpoint's directory."""
-    import ray
+def _partition_manifest(config: DprayConfig, directory: Path) -> dict:
+    """The partitions ingest wrote, checked against this run's unit and workers."""
+    try:
+        manifest = parts.read_manifest(directory)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    if manifest["unit"] != config.privacy.unit:
+        raise ConfigError(
+            f"{directory}: partitions are by {manifest['unit']}, privacy.unit is "
+            f"{config.privacy.unit}; run `dpray ingest` again"
+        )
+    workers = config.train.num_workers
+    if config.train.partition_labels is not None and manifest["count"] != workers:
+        raise ConfigError(
+            f"train.partition_labels pins one partition per worker, but ingest wrote "
+            f"{manifest['count']} partitions for {workers} workers"
+        )
+    if manifest["count"] < workers:
+        log.warning(
+            "%s: %d partitions for %d workers: %d worker(s) hold no data (they still add "
+            "their noise share); set data.partitions or re-run ingest",
+            STAGE_NAME,
+            manifest["count"],
+            workers,
+            workers - manifest["count"],
+        )
+    return manifest
+
+
+def _fit(plan: dict, tc, private: Path) -> Path:
+    """Run the TorchTrainer; return the final checkpoint's directory.
+
+    ``plan`` carries no private record and no object reference to one: each worker reads its own
+    partition file.  With ``train.partition_labels`` Ray places worker k's bundle on a node with
+    the k-th labels, and the worker reads the partition its node's labels name.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     plan = dict(plan)
-    plan["data_ref"] = ray.put(grouped)
     cpus = _cpus_per_worker(tc.num_workers)
+    pinning = {}
+    if tc.partition_labels is not None:
+        pinning["label_selector"] = [dict(labels) for labels in tc.partition_labels]
     plan["threads_per_worker"] = cpus
     storage = private / "ray_results"
     trainer = TorchTrainer(
@@ -314,6 +351,7 @@ def _fit(plan: dict, grouped: list, tc, private: Path) -> Path:
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": cpus},
+            **pinning,
         ),
         run_config=RunConfig(
             name=f"train-{plan['run_id']}",
@@ -375,7 +413,12 @@ def _dir_hash(path: Path) -> str:
 
 
 def _ingest_output(config: DprayConfig, run_dir: RunDir) -> list[Path]:
-    return [run_dir.private_root / "ingest" / "instructions.parquet"]
+    directory = run_dir.private_root / "ingest" / parts.DIRNAME
+    return [
+        run_dir.private_root / "ingest" / "instructions.parquet",
+        directory / parts.MANIFEST,
+        *sorted(directory.glob("part-*.parquet")),
+    ]
 
 
 STAGE = register(
@@ -384,7 +427,7 @@ STAGE = register(
         run=run,
         help="Build the instruction generator: DP fine-tune (LoRA, DP-SGD, Ray Train), prompted, "
         "or private evolution (generator.strategy).",
-        reads="private/ingest/instructions.parquet, ledger.json",
+        reads="private/ingest/partitions/ (each worker its own), ledger.json",
         writes="generator/adapter (PEFT, DP), generator/generator.json, generator/metrics.jsonl, "
         "private/train/ (checkpoints, non-DP metrics), ledger.json (+ training event)",
         sections=("generator", "train", "privacy", "seed"),

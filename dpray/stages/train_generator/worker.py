@@ -1,16 +1,21 @@
 """The per-worker DP-SGD loop run by Ray Train (``TorchTrainer``), one process per worker.
 
-Every worker builds the same LoRA model (same init seed), holds a disjoint shard of the privacy
-units, Poisson-samples its shard each step (from a seed it draws from the OS at every (re)start,
-so a step redone after a failure samples a fresh batch), computes its clipped gradient sum, and
-joins the aggregation (central or secure); all workers receive the same noisy sum, so the
-replicas stay identical without DDP.  Rank 0 records every executed step in the ledger right after the noisy
+Every worker builds the same LoRA model (same init seed), reads *only its own partition* of the
+private data from its file under ``private/ingest/partitions/`` (the driver sends no records: a
+partition number at most, and a pinned worker finds its partition from its node's labels),
+Poisson-samples it each step (from a seed it draws from the OS at every (re)start, so a step
+redone after a failure samples a fresh batch and no other worker can predict its batch), computes
+its clipped gradient sum, and joins the aggregation (central or secure); all workers receive the
+same noisy sum, so the replicas stay identical without DDP.  What a worker loaded is recorded in
+``private/train/received/rank-<r>.json`` (its partitions, unit and record counts, a digest of the
+record ids) so that a test can check that no worker held another partition's records.  Rank 0 records every executed step in the ledger right after the noisy
 sum is revealed (so a step lost to a crash still counts), writes metrics, and checkpoints every
 ``checkpoint_every`` steps through ``ray.train.report``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpray.io import partitions as parts
 from dpray.privacy.ledger import Ledger
 from dpray.privacy.mechanisms.gaussian import subsampled_gaussian_event
 from dpray.privacy.mechanisms.skellam import subsampled_skellam_event
@@ -27,7 +33,8 @@ from dpray.stages.train_generator.data import (
     batch_digest,
     collate,
     pack_micro_batches,
-    shard_units,
+    read_partition_units,
+    tokenize_instructions,
 )
 from dpray.stages.train_generator.dp_sgd import (
     apply_update,
@@ -96,8 +103,8 @@ def train_loop_per_worker(plan: dict) -> None:
     torch.set_num_threads(plan["threads_per_worker"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    units: list[list[np.ndarray]] = ray.get(plan["data_ref"])
-    shard = shard_units(len(units), rank, world)
+    units = _load_own_partitions(plan, rank, world)
+    shard = np.arange(len(units))
     model, _ = build_lora_model(plan["model_path"], plan)
     model.train()
     params = trainable_parameters(model)
@@ -121,7 +128,8 @@ def train_loop_per_worker(plan: dict) -> None:
     # fresh secret randomness for this attempt: a step redone after a restart samples anew
     sampler = PoissonSampler(shard, plan["sampling_rate"], rank)
     gsm = wrap_for_per_sample_grads(model, plan["grad_sample_mode"])
-    max_units = int(np.ceil(len(units) / world))
+    # partitions may be uneven: bound a worker's units by n (public), the same on every worker
+    max_units = int(plan["num_units"])
     aggregator = make_aggregator(
         plan["noise"],
         dim=sum(p.numel() for p in params),
@@ -179,6 +187,71 @@ def train_loop_per_worker(plan: dict) -> None:
                     seconds,
                 )
         _report(metrics, model, optimizer, step + 1, plan, rank)
+
+
+def my_partitions(plan: dict, rank: int, world: int) -> list[int]:
+    """The partitions this worker reads: by its node's labels when pinned, else k ≡ rank mod W."""
+    selectors = plan.get("partition_labels")
+    if not selectors:
+        return parts.assigned_partitions(rank, world, plan["partition_count"])
+    import ray
+
+    mine = parts.partition_for_labels(ray.get_runtime_context().get_node_labels(), selectors)
+    if world > 1:  # two workers must never read the same silo
+        import torch.distributed as dist
+
+        everyone: list[int | None] = [None] * world
+        dist.all_gather_object(everyone, mine)
+        if sorted(everyone) != list(range(world)):
+            raise RuntimeError(f"pinned workers read partitions {everyone}, not one each")
+    return [mine]
+
+
+def _load_own_partitions(plan: dict, rank: int, world: int) -> list[list[np.ndarray]]:
+    """Read and tokenize this worker's partitions only; record what was loaded (privately)."""
+    from transformers import AutoTokenizer
+
+    partitions = my_partitions(plan, rank, world)
+    files = parts.partition_files(plan["partitions_dir"], partitions)
+    members, texts, ids = read_partition_units(files, plan["unit"])
+    biggest = max((len(m) for m in members), default=0)
+    if biggest > plan["micro_batch_size"]:
+        raise ValueError(
+            f"train.micro_batch_size ({plan['micro_batch_size']}) must be >= the records of one "
+            f"user ({biggest}); raise it or lower privacy.max_records_per_user"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(plan["model_path"], local_files_only=True)
+    seqs = (
+        tokenize_instructions(
+            texts,
+            tokenizer,
+            plan["max_tokens"],
+            prompt=plan["prompt_ids"],
+            stop_id=plan["stop_id"],
+        )
+        if texts
+        else []
+    )
+    received = Path(plan["private_dir"]) / "received"
+    received.mkdir(parents=True, exist_ok=True)
+    (received / f"rank-{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "partitions": partitions,
+                "units": len(members),
+                "records": len(ids),
+                "ids_sha256": ids_digest(ids),
+            }
+        )
+    )
+    log.info("rank %d: read partition(s) %s", rank, partitions)
+    return [[seqs[i] for i in unit] for unit in members]
+
+
+def ids_digest(ids: list[str]) -> str:
+    """sha256 of the sorted record ids (what a worker loaded, without the ids themselves)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _maybe_fail(plan: dict, step: int, rank: int, world: int) -> None:

@@ -1,0 +1,173 @@
+"""A cryptographically secure random source for secure aggregation's noise and rounding.
+
+A worker's Skellam noise share and its stochastic rounding must be unpredictable to its peers:
+whoever can predict a share can subtract it from the aggregate.  A Mersenne Twister (what
+``torch.Generator`` is on CPU) is not: 624 consecutive outputs give away its whole future, and a
+32- or 64-bit seed can be searched.  :class:`SecureRandom` instead reads the ChaCha20 keystream
+(RFC 8439, via ``cryptography``) under a 256-bit key from the OS (``secrets.token_bytes``): its
+output is indistinguishable from uniform to anyone without the key, and the key never leaves the
+object (it is not logged, pickled or checkpointed).
+
+On top of the uniform words it draws, vectorised over whole tensors:
+
+* uniforms in the open interval (0, 1) (53 random bits each);
+* Poisson(λ) by Hörmann's transformed rejection with squeeze (PTRS, 1993; what numpy and torch
+  use for λ >= 10), with the acceptance test written so that it stays accurate for the large λ
+  of secure aggregation (up to 2^40): ``k log λ - λ - log k!`` is computed as
+  ``d - k·log1p(d/λ) - ½ log(2πk) - (Stirling series)`` with ``d = k - λ`` for ``k >= 10``,
+  which avoids the cancellation of two ~λ·log λ terms that the textbook form suffers;
+  for λ < 10 by inversion of the CDF (truncated where the tail mass is below 2^-64);
+* Skellam(λ) = Poisson(λ) - Poisson(λ).
+
+``SecureRandom.from_key`` builds a deterministic stream from a caller's key, for simulations and
+tests only; a worker always uses the OS-keyed default constructor.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import struct
+import threading
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+__all__ = ["SecureRandom"]
+
+_STIRLING_MIN = 10.0  # log k! by the Stirling series at k >= 10 (error < 1e-12)
+_SMALL_LAMBDA = 10.0  # below: inversion; at and above: PTRS
+
+
+class SecureRandom:
+    """ChaCha20-keystream random source (see the module docstring).  Thread-safe."""
+
+    def __init__(self) -> None:
+        self._init(secrets.token_bytes(32))
+
+    @classmethod
+    def from_key(cls, key: bytes) -> SecureRandom:
+        """A deterministic stream from a 32-byte key: simulations and tests only."""
+        if len(key) != 32:
+            raise ValueError("key must be 32 bytes")
+        obj = cls.__new__(cls)
+        obj._init(bytes(key))
+        return obj
+
+    def _init(self, key: bytes) -> None:
+        nonce = struct.pack("<IQ4s", 0, 0, b"srnd")
+        self._encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._lock = threading.Lock()
+        self.words_drawn = 0
+
+    def __repr__(self) -> str:  # never show the key
+        return "SecureRandom(ChaCha20, OS-keyed)"
+
+    def __reduce__(self):
+        raise TypeError("a SecureRandom holds a secret key and must not be pickled")
+
+    # ----------------------------------------------------------------------------- raw output
+
+    def random_words(self, count: int) -> np.ndarray:
+        """``count`` uniform uint64 words (the next ``8·count`` keystream bytes)."""
+        count = int(count)
+        out = np.empty(count, dtype="<u8")
+        if count == 0:
+            return out
+        with self._lock:
+            written = self._encryptor.update_into(
+                np.zeros(8 * count, dtype=np.uint8), memoryview(out).cast("B")
+            )
+            self.words_drawn += count
+        if written != 8 * count:
+            raise RuntimeError(f"ChaCha20 produced {written} bytes, expected {8 * count}")
+        return out
+
+    def uniform(self, count: int) -> torch.Tensor:
+        """``count`` float64 uniforms in the open interval (0, 1), 53 random bits each."""
+        return torch.from_numpy(self._uniform(count))
+
+    def _uniform(self, count: int) -> np.ndarray:
+        top = (self.random_words(count) >> np.uint64(11)).astype(np.float64)
+        top += 0.5
+        top *= 1.0 / (1 << 53)
+        return top
+
+    # ------------------------------------------------------------------------------ Poisson
+
+    def poisson(self, shape: tuple[int, ...] | torch.Size | int, lam: float) -> torch.Tensor:
+        """i.i.d. Poisson(``lam``) draws as an int64 tensor of ``shape``."""
+        if isinstance(shape, int):
+            shape = (shape,)
+        shape = tuple(int(s) for s in shape)
+        if lam < 0 or not math.isfinite(lam):
+            raise ValueError(f"lam must be finite and >= 0, got {lam}")
+        count = math.prod(shape)
+        if lam == 0 or count == 0:
+            return torch.zeros(shape, dtype=torch.int64)
+        if lam < _SMALL_LAMBDA:
+            flat = self._poisson_inversion(count, float(lam))
+        else:
+            flat = self._poisson_ptrs(count, float(lam))
+        return torch.from_numpy(flat).view(shape)
+
+    def skellam(self, shape: tuple[int, ...] | torch.Size | int, lam: float) -> torch.Tensor:
+        """i.i.d. Skellam(``lam``) = Poisson(lam) - Poisson(lam), int64, variance ``2·lam``."""
+        return self.poisson(shape, lam).sub_(self.poisson(shape, lam))
+
+    def _poisson_inversion(self, count: int, lam: float) -> np.ndarray:
+        # The CDF up to where the remaining tail is below 2^-64 (for lam < 10: k < 60).
+        pmf = [math.exp(-lam)]
+        cdf = [pmf[0]]
+        while 1.0 - cdf[-1] > 2.0**-64 and len(cdf) < 200:
+            pmf.append(pmf[-1] * lam / len(cdf))
+            cdf.append(cdf[-1] + pmf[-1])
+        k = np.searchsorted(np.asarray(cdf), self._uniform(count), side="left")
+        return np.minimum(k, len(cdf) - 1).astype(np.int64)
+
+    def _poisson_ptrs(self, count: int, lam: float) -> np.ndarray:
+        slam = math.sqrt(lam)
+        loglam = math.log(lam)
+        b = 0.931 + 2.53 * slam
+        a = -0.059 + 0.02483 * b
+        log_invalpha = math.log(1.1239 + 1.1328 / (b - 3.4))
+        vr = 0.9277 - 3.6224 / (b - 2.0)
+        out = np.empty(count, dtype=np.int64)
+        todo = np.arange(count)
+        while todo.size:
+            m = todo.size
+            u = self._uniform(m)
+            u -= 0.5
+            v = self._uniform(m)
+            us = 0.5 - np.abs(u)
+            k = np.floor((2.0 * a / us + b) * u + lam + 0.43)
+            quick = (us >= 0.07) & (v <= vr)
+            reject = (k < 0) | ((us < 0.013) & (v > us))
+            lhs = np.log(v) + log_invalpha - np.log(a / (us * us) + b)
+            accept = quick | (~reject & (lhs <= _log_poisson_pmf(k, lam, loglam)))
+            out[todo[accept]] = k[accept].astype(np.int64)
+            todo = todo[~accept]
+        return out
+
+
+_LOG_FACTORIAL = np.array([math.lgamma(k + 1.0) for k in range(int(_STIRLING_MIN))])
+
+
+def _log_poisson_pmf(k: np.ndarray, lam: float, loglam: float) -> np.ndarray:
+    """``k·log λ - λ - log k!`` (float64), accurate for large λ (see the module docstring).
+
+    Entries with ``k < 0`` are meaningless (the caller rejects them first).
+    """
+    kk = np.maximum(k, 0.0)
+    big = np.maximum(kk, _STIRLING_MIN)
+    d = big - lam
+    inv = 1.0 / big
+    inv2 = inv * inv
+    series = inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 / 1260.0))
+    out = d - big * np.log1p(d / lam) - 0.5 * np.log(2.0 * math.pi * big) - series
+    small = kk < _STIRLING_MIN
+    if small.any():
+        ks = kk[small]
+        out[small] = ks * loglam - lam - _LOG_FACTORIAL[ks.astype(np.int64)]
+    return out
