@@ -2,9 +2,11 @@
 
 No files, no ledger: the caller passes the absolute noise std ``sigma``, a secret noise
 generator (:func:`dpray.privacy.mechanisms.gaussian.secret_rng`; the noise itself is drawn by
-:func:`~dpray.privacy.mechanisms.gaussian.gaussian_release`), and ``on_release``, called once
-right after the noise is drawn and before anything is derived from it (the stage spends the
-ledger event there, so a refused spend means nothing noisy was ever used).
+:func:`~dpray.privacy.mechanisms.gaussian.gaussian_release`), and ``on_release(noisy)``, called
+once right after the noise is drawn and before anything is derived from it (the stage spends the
+ledger event and saves the release there, so a refused spend means nothing noisy was ever used).
+``saved``: an earlier release of the same votes (DP output), used instead of drawing noise --
+nothing is released, so ``on_release`` is not called.
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ class FilterOutcome:
     timings: dict = field(default_factory=dict)
 
 
+def _release(
+    exact: np.ndarray,
+    sigma: float,
+    noise_rng: np.random.Generator,
+    on_release: Callable[[np.ndarray], object] | None,
+    saved: np.ndarray | None,
+) -> np.ndarray:
+    """The noisy votes: the saved release if given, else a new draw (then ``on_release``)."""
+    if saved is not None:
+        saved = np.asarray(saved, dtype=np.float64)
+        if saved.shape != np.shape(exact):
+            raise ValueError(f"saved release has shape {saved.shape}, votes {np.shape(exact)}")
+        return saved
+    noisy = gaussian_release(exact, sigma, noise_rng)
+    if on_release is not None:
+        on_release(noisy)
+    return noisy
+
+
 def _timer() -> Callable[[], float]:
     import time
 
@@ -54,8 +75,9 @@ def cluster_filter(
     fc: FilterConfig,
     sigma: float,
     noise_rng: np.random.Generator,
-    on_release: Callable[[], object] | None = None,
+    on_release: Callable[[np.ndarray], object] | None = None,
     clustering: Clustering | None = None,
+    saved: np.ndarray | None = None,
 ) -> FilterOutcome:
     """The seed paper's filter: cluster synthetic, histogram real, noise, resample to shares."""
     lap = _timer()
@@ -69,9 +91,7 @@ def cluster_filter(
     timings["assign_real"] = lap()
     k = clustering.num_clusters
     exact = histogram.unit_votes(units, real_labels, k, scheme="split")
-    noisy = gaussian_release(exact, sigma, noise_rng)
-    if on_release is not None:
-        on_release()
+    noisy = _release(exact, sigma, noise_rng, on_release, saved)
     capacity = np.bincount(clustering.synthetic_labels, minlength=k)
     shares = histogram.to_shares(noisy, fallback=capacity)
     selected, report = resample.resample(
@@ -92,8 +112,9 @@ def nn_vote_filter(
     fc: FilterConfig,
     sigma: float,
     noise_rng: np.random.Generator,
-    on_release: Callable[[], object] | None = None,
+    on_release: Callable[[np.ndarray], object] | None = None,
     clustering: Clustering | None = None,
+    saved: np.ndarray | None = None,
 ) -> FilterOutcome:
     """Private-Evolution voting: nearest candidates, L2-scaled votes, noise, threshold, select.
 
@@ -103,9 +124,7 @@ def nn_vote_filter(
     neighbours = nn_vote.nearest_candidates(synthetic, real, fc.nn_k, fc.seed)
     timings["search"] = lap()
     exact = histogram.unit_votes(units, neighbours, len(synthetic), scheme="l2")
-    noisy = gaussian_release(exact, sigma, noise_rng)
-    if on_release is not None:
-        on_release()
+    noisy = _release(exact, sigma, noise_rng, on_release, saved)
     selected, report = nn_vote.select(
         noisy,
         fc.target_size,

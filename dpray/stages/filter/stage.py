@@ -16,13 +16,24 @@ ledger through :mod:`dpray.privacy.mechanisms.gaussian` as
 ``GaussianEvent("filter", noise_multiplier=sigma / 1)``.  sigma is ``filter.sigma`` or the
 smallest value that keeps the composition of everything already spent (training's share) plus
 this release within the target.  The spend is checked before any work and recorded right after
-the noise is drawn; nothing noisy is written unless the spend succeeded.  A rerun is a new
-release and spends again.
+the noise is drawn; nothing noisy is written unless the spend succeeded.
+
+Reruns: right after the spend the release is saved under ``private/filter/`` (``release.json``
+and ``release_noisy.npy``), keyed on the candidate set, the real set and the config that shape
+the votes (:func:`release_key`).  A rerun with the same key -- ``--force``, or a rerun after an
+interruption that left the outputs unwritten -- reuses that release and re-derives every output
+from it, spending nothing.  ``--spend-again`` draws a new release, which the ledger composes with
+the first; so does a changed key (other candidates, other clustering or noise settings).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +46,8 @@ from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.events import GaussianEvent
 from dpray.privacy.ledger import BudgetExceededError, Ledger
 from dpray.privacy.mechanisms.gaussian import gaussian_event, secret_rng
-from dpray.rundir import RunDir, write_json
+from dpray.privacy.releases import log_new_release, log_reuse, release_key, spend_again
+from dpray.rundir import RunDir, file_digest, read_json, write_json
 from dpray.stages.base import StageResult
 from dpray.stages.filter import histogram, metrics
 from dpray.stages.filter.core import METHODS, FilterOutcome
@@ -118,9 +130,22 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     units = privacy_units(real_ids, config.privacy.unit)
 
     ledger = Ledger.load(run_dir.ledger_path)
-    sigma = resolve_sigma(fc.sigma, ledger)
-    event = gaussian_event(STAGE_NAME, sigma, histogram.SENSITIVITY)
-    ledger.check(event)  # refuse before any work; spend again at the release
+    key = release_key(config, ("privacy",), release_inputs(config, run_dir), run_dir, _knobs(fc))
+    saved = SavedRelease.load(run_dir, key, ledger)
+    if saved is not None:
+        sigma, event = saved.sigma, saved.event
+        log_reuse(STAGE_NAME, f"{saved.path.relative_to(run_dir.root)}")
+    else:
+        log_new_release(STAGE_NAME, SavedRelease.exists(run_dir))
+        sigma = resolve_sigma(fc.sigma, ledger)
+        event = gaussian_event(
+            STAGE_NAME, sigma, histogram.SENSITIVITY, run_id=f"release-{secrets.token_hex(6)}"
+        )
+        ledger.check(event)  # refuse before any work; spend again at the release
+
+    def on_release(noisy: np.ndarray) -> None:
+        ledger.spend(event)  # right after the noise is drawn, before anything uses it
+        SavedRelease.save(run_dir, key, fc.method, sigma, event, noisy)
 
     outcome = METHODS[fc.method](
         np.asarray(synthetic),
@@ -129,7 +154,8 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         fc,
         sigma,
         secret_rng(),
-        on_release=lambda: ledger.spend(event),
+        on_release=on_release,
+        saved=None if saved is None else saved.noisy,
     )
     public, private = run_dir.public(STAGE_NAME), run_dir.private(STAGE_NAME)
     outputs = {
@@ -146,6 +172,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         "sigma": sigma,
         "sensitivity_l2": histogram.SENSITIVITY,
         "noise_multiplier": event.noise_multiplier,
+        "release": "reused" if saved is not None else "new",
         "epsilon_spent_total": ledger.spent_epsilon,
         "epsilon_target": ledger.target_epsilon,
         "selection": outcome.report,
@@ -170,6 +197,84 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         ledger.target_epsilon,
     )
     return StageResult(outputs=outputs, summary=report)
+
+
+RELEASE_FILE = "release.json"
+RELEASE_VALUES = "release_noisy.npy"
+
+
+def _knobs(fc) -> str:
+    """The filter settings that shape the votes and their noise (the rest -- target size,
+    selection, metrics -- is post-processing, re-derived from a saved release)."""
+    knobs = ("method", "num_clusters", "pca_variance", "kmeans_iters", "seed", "nn_k", "sigma")
+    return json.dumps({k: getattr(fc, k) for k in knobs}, sort_keys=True)
+
+
+def release_inputs(config: DprayConfig, run_dir: RunDir) -> list[Path]:
+    """The files a release depends on: the candidates and the real set (not the held-out)."""
+    return [p for p in inputs(config, run_dir) if p.name != "heldout.npy"]
+
+
+@dataclass
+class SavedRelease:
+    """The filter's saved DP release (``private/filter/release.json`` + its vector)."""
+
+    path: Path
+    sigma: float
+    event: GaussianEvent
+    noisy: np.ndarray
+
+    @staticmethod
+    def exists(run_dir: RunDir) -> bool:
+        return (run_dir.private_root / STAGE_NAME / RELEASE_FILE).exists()
+
+    @classmethod
+    def load(cls, run_dir: RunDir, key: str, ledger: Ledger) -> SavedRelease | None:
+        """The saved release for ``key``, or None: none saved, another key, ``--spend-again``,
+        a damaged vector, or a release the ledger does not hold (never reuse unaccounted)."""
+        path = run_dir.private_root / STAGE_NAME / RELEASE_FILE
+        if spend_again() or not path.exists():
+            return None
+        record = read_json(path)
+        if record.get("key") != key:
+            return None
+        values = path.parent / record["values_file"]
+        if not values.exists() or file_digest(values) != record.get("values_sha256"):
+            log.warning(
+                "%s: the saved release's vector is missing or changed; not reused", STAGE_NAME
+            )
+            return None
+        event = ledger.run_event(STAGE_NAME, record["release_id"])
+        if event is None:
+            log.warning(
+                "%s: the saved release %s is not on the ledger; not reused",
+                STAGE_NAME,
+                record["release_id"],
+            )
+            return None
+        return cls(path, float(record["sigma"]), event, np.load(values))
+
+    @staticmethod
+    def save(
+        run_dir: RunDir, key: str, method: str, sigma: float, event: GaussianEvent, noisy
+    ) -> None:
+        """Vector first, then the record (the record is what makes it reusable); both atomic."""
+        folder = run_dir.private(STAGE_NAME)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".release.", suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, np.asarray(noisy, dtype=np.float64))
+        os.replace(tmp, folder / RELEASE_VALUES)
+        record = {
+            "key": key,
+            "release_id": event.run_id,
+            "method": method,
+            "sigma": sigma,
+            "noise_multiplier": event.noise_multiplier,
+            "bins": int(len(noisy)),
+            "values_file": RELEASE_VALUES,
+            "values_sha256": file_digest(folder / RELEASE_VALUES),
+        }
+        write_json(folder / RELEASE_FILE, record)
 
 
 def _write_filtered(

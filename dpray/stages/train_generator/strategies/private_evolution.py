@@ -24,7 +24,9 @@ multiplier sigma; sigma is calibrated so that the ``pe_rounds`` releases togethe
 Public outputs (DP, or post-processing of DP outputs): ``generator/rounds/round-R.parquet`` (the
 candidates of round R, their noisy votes, which were kept) and ``generator/rounds/draws-R/``
 (resumable generation shards).  A rerun with the same settings regenerates the same candidates
-(seeded shards) and reuses each round's saved release instead of spending again.
+(seeded shards) and reuses each round's saved release instead of spending again; only
+``--spend-again`` (:func:`~dpray.privacy.releases.spending_again`) calibrates afresh under a new
+run id and draws every round anew, and the ledger composes those rounds with the earlier ones.
 Private: the exact votes (``private/train/pe_exact_votes-R.npy``) and the private embeddings.
 """
 
@@ -45,6 +47,7 @@ from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.events import GaussianEvent
 from dpray.privacy.ledger import BudgetExceededError, Ledger
 from dpray.privacy.mechanisms.gaussian import gaussian_event, gaussian_release, secret_rng
+from dpray.privacy.releases import log_new_release, log_reuse, spend_again
 from dpray.rundir import RunDir, read_json, write_json
 from dpray.stages.base import StageResult
 
@@ -83,12 +86,13 @@ def _budget_plan(config: DprayConfig, run_dir: RunDir, rounds: int) -> tuple[flo
 
     A rerun with the same settings (``generator/rounds/plan.json``) keeps its noise multiplier
     and run id, so each round's saved release can be reused and only the rounds not released
-    yet are spent; new settings calibrate afresh against everything the ledger holds.
+    yet are spent; new settings, or ``--spend-again``, calibrate afresh against everything the
+    ledger holds (earlier rounds included) under a new run id.
     """
     path = run_dir.public("generator") / ROUNDS_DIR / "plan.json"
     key = config.section_hash("generator", "train", "sample", "embed", "privacy", "seed")
     ledger = Ledger.load(run_dir.ledger_path)
-    if path.exists():
+    if path.exists() and not spend_again():
         plan = read_json(path)
         if plan.get("config") == key:
             released = [
@@ -100,6 +104,7 @@ def _budget_plan(config: DprayConfig, run_dir: RunDir, rounds: int) -> tuple[flo
             if remaining > 0:
                 ledger.check(round_event(plan["noise_multiplier"], remaining))
             return float(plan["noise_multiplier"]), str(plan["run_id"]), len(released)
+    log_new_release(f"{STAGE_NAME}: private_evolution", previous=path.exists())
     multiplier = calibrate_rounds(ledger, rounds, config.privacy.train_share)
     ledger.check(round_event(multiplier, rounds))  # all rounds must fit before the first
     run_id = secrets.token_hex(6)
@@ -295,12 +300,12 @@ def vote_round(
     digest = prompts_digest([[hash_text(t)] for t in candidates])
     noisy = None
     reused = False
-    if release_path.exists():
+    if release_path.exists() and not spend_again():
         saved = read_json(release_path)
         if saved.get("candidates_digest") == digest and saved.get("sigma") == sigma:
             noisy = np.asarray(saved["noisy_votes"], dtype=np.float64)
             reused = True
-            log.info("private_evolution: round %d: reusing the saved release", round_index)
+            log_reuse(f"{STAGE_NAME}: private_evolution", f"round {round_index}")
     if noisy is None:
         neighbours = nn_vote.nearest_candidates(
             candidate_vectors, real_vectors, gc.pe_nn_k, config.seed
