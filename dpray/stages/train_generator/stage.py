@@ -16,6 +16,14 @@ sizes: not DP) and Ray Train checkpoints under ``private/train/``, and the spend
 Calibration: σ is the smallest noise multiplier for which the ledger's composition of everything
 already spent plus this run (planned steps + headroom for steps that restarts may repeat) stays
 within ``privacy.train_share`` of the target epsilon; the filter stage gets the rest.
+
+Reruns: the run's id, σ and state are kept in ``private/train/run.json``, keyed on the config and
+the ingested data (:func:`~dpray.privacy.releases.release_key`).  A rerun with the same key
+resumes an interrupted run from its own Ray Train checkpoints under the same run id (the ledger
+keeps counting that run's steps in its one event, redone steps included), and reuses a finished
+run's adapter (re-saved from ``private/train/final_checkpoint`` if the adapter folder is gone)
+without training.  ``--spend-again`` starts a new run with a new id: a second training event,
+composed with the first on the ledger.
 """
 
 from __future__ import annotations
@@ -35,11 +43,19 @@ from dpray.config import ConfigError, DprayConfig
 from dpray.io import partitions as parts
 from dpray.privacy.calibration import CalibrationError, solve_noise_multiplier
 from dpray.privacy.ledger import BudgetExceededError, Ledger
-from dpray.rundir import RunDir, write_json
+from dpray.privacy.releases import (
+    SPEND_AGAIN_FLAG,
+    log_new_release,
+    log_reuse,
+    release_key,
+    spend_again,
+)
+from dpray.rundir import RunDir, file_digest, read_json, write_json
 from dpray.stages.base import Stage, StageResult, register
 from dpray.stages.train_generator.formats import PromptFormat, build_format, resolve_format
 from dpray.stages.train_generator.noise import resolve_scheme
 from dpray.stages.train_generator.worker import (
+    STATE_FILE,
     WEIGHTS_FILE,
     build_lora_model,
     event_for,
@@ -48,6 +64,8 @@ from dpray.stages.train_generator.worker import (
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "train-generator"
+RUN_RECORD = "run.json"
+KEY_SECTIONS = ("generator", "train", "privacy", "seed")
 
 
 @dataclass
@@ -188,7 +206,14 @@ def train_generator(
     private = run_dir.private("train")
     public = run_dir.public("generator") if out_dir is None else Path(out_dir)
     public.mkdir(parents=True, exist_ok=True)
-    run_id = secrets.token_hex(8)
+    record, key = None, ""
+    if ledger_required:
+        key = release_key(config, KEY_SECTIONS, _ingest_output(config, run_dir), run_dir)
+        record = _own_record(private, key, run_dir.ledger_path)
+        if record is not None and record["state"] == "complete":
+            return _reuse_finished(record, config, private, public)
+    resuming = record is not None  # an interrupted run of this key: same run id, same sigma
+    run_id = record["run_id"] if resuming else secrets.token_hex(8)
     plan = {
         "run_id": run_id,
         "model_path": str(model_path),
@@ -232,7 +257,26 @@ def train_generator(
     model, lora_config = build_lora_model(str(model_path), plan)
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    if ledger_required:
+    if resuming:
+        ledger = Ledger.load(run_dir.ledger_path)
+        plan["noise_multiplier"] = float(record["noise_multiplier"])
+        previous = ledger.run_event(STAGE_NAME, run_id)
+        done = previous.steps if previous is not None else 0
+        resume_at = _latest_checkpoint_step(private / "ray_results" / f"train-{run_id}")
+        # what this run may still add: the steps after its last checkpoint plus restart headroom
+        plan["planned_steps"] = done + (steps - resume_at) + tc.max_failures * tc.checkpoint_every
+        planned = event_for(plan, plan["planned_steps"], secure_fields_for(plan, dim, n))
+        ledger.check(planned, replace_run=True)
+        log.info(
+            "%s: resuming interrupted run %s from its checkpoint at step %d (%d steps already "
+            "on the ledger, counted once in the same event)",
+            STAGE_NAME,
+            run_id,
+            resume_at,
+            done,
+        )
+    elif ledger_required:
+        log_new_release(STAGE_NAME, previous=(private / RUN_RECORD).exists())
         ledger = Ledger.load(run_dir.ledger_path)
         if tc.noise_multiplier is None:
             plan["noise_multiplier"] = calibrate(plan, ledger, config.privacy.train_share, dim, n)
@@ -243,9 +287,22 @@ def train_generator(
     else:
         plan["noise_multiplier"] = tc.noise_multiplier or 0.0
 
-    for path in (public / "metrics.jsonl", private / "metrics.jsonl"):
-        path.unlink(missing_ok=True)
-    (private / "injected_fault.done").unlink(missing_ok=True)
+    if not resuming:  # a resumed run appends to its own metrics; its fault hook fired already
+        for path in (public / "metrics.jsonl", private / "metrics.jsonl"):
+            path.unlink(missing_ok=True)
+        (private / "injected_fault.done").unlink(missing_ok=True)
+    if ledger_required:
+        write_json(
+            private / RUN_RECORD,
+            {
+                "key": key,
+                "run_id": run_id,
+                "state": "training",
+                "strategy": "dp_finetune",
+                "noise_multiplier": plan["noise_multiplier"],
+                "steps": steps,
+            },
+        )
     log.info(
         "%s: %d units, q=%.4g, %d steps, sigma=%.4g, C=%g, %s noise, %d worker(s)",
         STAGE_NAME,
@@ -291,10 +348,91 @@ def train_generator(
         **summary,
     }
     write_json(public / "generator.json", meta)
+    if ledger_required:
+        write_json(
+            private / RUN_RECORD,
+            {
+                **read_json(private / RUN_RECORD),
+                "state": "complete",
+                "adapter_sha256": file_digest(adapter_dir),
+                "checkpoint_sha256": file_digest(checkpoint_dir),
+                "generator": meta,
+                "summary": summary,
+            },
+        )
     return StageResult(
         outputs={"adapter": str(adapter_dir), "generator": str(public / "generator.json")},
         summary=summary,
     )
+
+
+def _own_record(private: Path, key: str, ledger_path: Path) -> dict | None:
+    """This key's run record, unless ``--spend-again`` asks for a new run or the ledger does not
+    hold the run (its steps would go unaccounted: never reuse or resume such a run)."""
+    path = private / RUN_RECORD
+    if spend_again() or not path.exists():
+        return None
+    record = read_json(path)
+    if record.get("key") != key or record.get("strategy") != "dp_finetune":
+        return None
+    if Ledger.load(ledger_path).run_event(STAGE_NAME, record["run_id"]) is None:
+        log.warning(
+            "%s: run %s is not on the ledger; not reused or resumed, a new run starts",
+            STAGE_NAME,
+            record["run_id"],
+        )
+        return None
+    return record
+
+
+def _reuse_finished(record: dict, config: DprayConfig, private: Path, public: Path) -> StageResult:
+    """A finished run of this key: its adapter is the DP release; keep it (re-save it from the
+    final checkpoint if the folder is gone or changed) and spend nothing."""
+    adapter_dir, final = public / "adapter", private / "final_checkpoint"
+    if not adapter_dir.exists() or file_digest(adapter_dir) != record["adapter_sha256"]:
+        if not final.exists() or file_digest(final) != record["checkpoint_sha256"]:
+            raise BudgetExceededError(
+                f"{STAGE_NAME}: run {record['run_id']} finished, but its adapter and final "
+                f"checkpoint are gone or changed; training again spends the budget again: pass "
+                f"{SPEND_AGAIN_FLAG} to do so"
+            )
+        from dpray.models import resolve_causal_lm
+
+        tc = config.train  # the key pins it: the same LoRA layout as the finished run
+        model_path = resolve_causal_lm(tc.model)
+        layout = {
+            "init_seed": config.seed,
+            "lora_r": tc.lora_r,
+            "lora_alpha": tc.lora_alpha,
+            "lora_dropout": tc.lora_dropout,
+            "lora_targets": list(tc.lora_targets),
+        }
+        model, _ = build_lora_model(str(model_path), layout)
+        _save_adapter(model, final, adapter_dir)
+        _verify_adapter(str(model_path), adapter_dir, model)
+        log_reuse(STAGE_NAME, f"run {record['run_id']}, adapter re-saved from its final checkpoint")
+    else:
+        log_reuse(STAGE_NAME, f"run {record['run_id']}, its adapter")
+    path = public / "generator.json"
+    if not path.exists() or read_json(path) != record["generator"]:
+        write_json(path, record["generator"])
+    summary = {**record["summary"], "reused_release": True}
+    return StageResult(
+        outputs={"adapter": str(adapter_dir), "generator": str(path)}, summary=summary
+    )
+
+
+def _latest_checkpoint_step(storage: Path) -> int:
+    """The step of the newest Ray Train checkpoint under ``storage`` (0: none yet)."""
+    import json
+
+    steps = [0]
+    for state in storage.rglob(STATE_FILE) if storage.exists() else []:
+        try:
+            steps.append(int(json.loads(state.read_text())["step"]))
+        except (ValueError, KeyError, OSError):
+            continue
+    return max(steps)
 
 
 def _partition_manifest(config: DprayConfig, directory: Path) -> dict:
@@ -433,6 +571,7 @@ STAGE = register(
         sections=("generator", "train", "privacy", "seed"),
         inputs=_ingest_output,
         needs_ray=True,
+        spends_budget=True,
     )
 )
 
