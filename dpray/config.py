@@ -257,6 +257,18 @@ class GeneratorConfig(Section):
     pe_parent_chars: int = Field(
         400, ge=20, description="private_evolution: a parent longer than this is cut in prompts."
     )
+    pe_variation: Literal["prefix", "rewrite"] = Field(
+        "prefix",
+        description="private_evolution: how a variation is asked for -- prefix: keep the "
+        "parent's first words and let the model finish the instruction in its own format; "
+        "rewrite: ask in words for a similar message (for larger models).",
+    )
+    pe_keep_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="private_evolution, prefix variations: share of the parent's words kept.",
+    )
 
     def resolved_strategy(self, use_gpu: bool) -> str:
         if self.strategy != "auto":

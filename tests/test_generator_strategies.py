@@ -23,7 +23,9 @@ from dpray.stages.train_generator.formats import (
     FormatError,
     build_format,
     load_topics,
+    parent_prefix,
     resolve_format,
+    variation_prompt,
     variation_prompt_text,
 )
 from tests.conftest import REPO, make_canary
@@ -155,6 +157,55 @@ def test_variation_prompt_names_the_synthetic_parent(tok):
     assert parent in reply and reply.endswith("<|im_start|>assistant\n")
     with pytest.raises(FormatError, match="chat format"):
         variation_prompt_text("unconditional", tok, parent)
+
+
+def test_prefix_variation_keeps_the_parents_first_words_in_the_instruction_position(tok):
+    parent = "How long should I rest between sets when lifting?"
+    base = build_format("chat_user", tok).prompt_texts[0]
+    text, prefix = variation_prompt("chat_user", tok, parent, keep_fraction=0.5)
+    assert prefix == "How long should I rest" and text == base + prefix
+    assert text.endswith(USER_TURN + prefix)  # the model finishes the user's message
+    reply, prefix = variation_prompt(
+        "chat_reply", tok, parent, keep_fraction=0.3, request="Write one message."
+    )
+    assert prefix == "How long should" and reply.endswith("<|im_start|>assistant\n" + prefix)
+    rewrite, none = variation_prompt("chat_user", tok, parent, method="rewrite")
+    assert none == "" and parent in rewrite and rewrite.endswith(USER_TURN)
+    with pytest.raises(FormatError, match="chat format"):
+        variation_prompt("unconditional", tok, parent)
+    with pytest.raises(FormatError, match="unknown"):
+        variation_prompt("chat_user", tok, parent, method="paraphrase")
+
+
+def test_parent_prefix_keeps_at_least_one_word_and_never_all():
+    assert parent_prefix("one two three four", 0.5) == "one two"
+    assert parent_prefix("one two three four", 0.99) == "one two three"  # the model writes more
+    assert parent_prefix("one two", 0.01) == "one"
+    assert parent_prefix("single", 0.5) == "single"
+    assert parent_prefix("   ", 0.5) == ""
+    assert parent_prefix("  Dear team,\n\nplease  send the file", 0.5) == "Dear team,\n\nplease"
+
+
+def test_a_prefix_variation_draw_holds_its_prefix():
+    from dpray.stages.sample.backends import GeneratorSpec
+
+    spec = GeneratorSpec(
+        base_model="m",
+        base_path="/m",
+        adapter_dir="",
+        prompt_ids=(1,),
+        template="",
+        adapter_sha256="x",
+        lora_r=0,
+        prompts=((1, 2), (1, 3)),
+        prefixes=("How do I", "Write a"),
+    )
+    assert [spec.prefix_for(i) for i in range(3)] == ["How do I", "Write a", "How do I"]
+    assert GeneratorSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="one each"):
+        GeneratorSpec(**{**spec.to_dict(), "prefixes": ("only one",)})
+    plain = GeneratorSpec(**{**spec.to_dict(), "prefixes": ()})
+    assert plain.prefix_for(5) == ""
 
 
 def test_strategy_and_topic_defaults():
@@ -337,12 +388,13 @@ def test_private_evolution_spends_once_per_round_and_never_prompts_with_private_
     parents_seen: list[str] = []
     real = private_evolution.variation_prompts
 
-    def recording(tokenizer, fmt_name, parents, system, max_chars):
+    def recording(tokenizer, fmt_name, parents, gc):
         parents_seen.extend(parents)
-        texts, ids = real(tokenizer, fmt_name, parents, system, max_chars)
+        texts, ids, prefixes = real(tokenizer, fmt_name, parents, gc)
         recorded.extend(texts)
-        assert len(ids) == len(texts) == len(parents)
-        return texts, ids
+        assert len(ids) == len(texts) == len(prefixes) == len(parents)
+        assert all(parent.startswith(pre) for parent, pre in zip(parents, prefixes, strict=True))
+        return texts, ids, prefixes
 
     monkeypatch.setattr(private_evolution, "variation_prompts", recording)
     run = tmp_path / "run"

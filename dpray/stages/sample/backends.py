@@ -57,10 +57,15 @@ class GeneratorSpec:
     stop_ids: tuple[int, ...] = ()
     strategy: str = "dp_finetune"
     format: str = "unconditional"
+    prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompts:
             object.__setattr__(self, "prompts", (tuple(self.prompt_ids),))
+        if self.prefixes and len(self.prefixes) != len(self.prompts):
+            raise ValueError(
+                f"{len(self.prefixes)} text prefixes for {len(self.prompts)} prompts: one each"
+            )
 
     @classmethod
     def from_run_dir(cls, run_dir: RunDir) -> GeneratorSpec:
@@ -99,11 +104,17 @@ class GeneratorSpec:
             stop_ids=tuple(int(t) for t in meta.get("stop_ids", [])),
             strategy=str(meta.get("strategy", "dp_finetune")),
             format=str(meta.get("format", "unconditional")),
+            prefixes=tuple(str(t) for t in meta.get("prompt_prefixes", [])),
         )
 
     def prompt_for(self, draw: int) -> tuple[int, ...]:
         """The prompt of draw number ``draw`` (round-robin: balanced over prompts)."""
         return self.prompts[draw % len(self.prompts)]
+
+    def prefix_for(self, draw: int) -> str:
+        """Text the prompt of draw ``draw`` already holds of the instruction (private evolution's
+        prefix variations end their prompt with the kept words of a parent), else ''."""
+        return self.prefixes[draw % len(self.prefixes)] if self.prefixes else ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +127,7 @@ class GeneratorSpec:
                 "prompt_ids": tuple(data["prompt_ids"]),
                 "prompts": tuple(tuple(p) for p in data.get("prompts", ())),
                 "stop_ids": tuple(data.get("stop_ids", ())),
+                "prefixes": tuple(data.get("prefixes", ())),
             }
         )
 
@@ -262,7 +274,8 @@ class SamplingActor:
                 out["sample_id"].append(int(start) + row)
                 out["shard"].append(int(shard))
                 out["seed"].append(completion.seed)
-                out["raw"].append(completion.text)
+                # a prefix variation's prompt ends with the instruction's first words
+                out["raw"].append(self.spec.prefix_for(int(start) + row) + completion.text)
                 out["truncated"].append(completion.truncated)
             self._maybe_crash()  # after the work, before it is returned: the shard is lost
         out["text"], out["drop"] = clean_column(out["raw"], self.spec.template, self.min_chars)

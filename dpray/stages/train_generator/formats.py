@@ -23,6 +23,8 @@ The loss covers the instruction and its stop token only (never the prompt).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
@@ -243,6 +245,62 @@ def variation_prompt_text(name: str, tokenizer, parent: str, system: str | None 
     )
 
 
+VARIATIONS = ("prefix", "rewrite")
+"""How private evolution asks for a variation of a kept (synthetic) candidate:
+
+* ``prefix`` -- keep the first words of the parent at the start of the instruction and let the
+  model write the rest in the generator's own format (a causal LM's form of Aug-PE's
+  fill-in-the-blanks variation; ``generator.pe_keep_fraction`` of the words are kept).  The
+  child stays on the parent's subject and in its register, and it is written in exactly the
+  position the model writes instructions in.  Measured on SmolLM2-135M-Instruct (24 parents,
+  48 new tokens): 23 of 24 ended at the end-of-turn token and read as user requests;
+* ``rewrite`` -- ask in words for a message "similar in subject and style" to the parent (the
+  system message for ``chat_user``, the request for ``chat_reply``).  On the same 24 parents only
+  12 of 24 ended within 48 tokens, and many drifted off subject or answered instead of asking:
+  a 135M model follows such meta-instructions poorly.  Offered for larger models.
+"""
+
+
+def parent_prefix(parent: str, keep_fraction: float) -> str:
+    """The first ``ceil(keep_fraction * words)`` words of ``parent``: at least one, and fewer
+    than all of them when it has more than one (so the model always writes something)."""
+    words = [m.end() for m in re.finditer(r"\S+", parent)]
+    if not words:
+        return ""
+    keep = math.ceil(len(words) * keep_fraction)
+    keep = max(1, min(keep, len(words) - 1)) if len(words) > 1 else 1
+    return parent[: words[keep - 1]].lstrip()  # the parent's own text, whitespace and all
+
+
+def variation_prompt(
+    name: str,
+    tokenizer,
+    parent: str,
+    *,
+    method: str = "prefix",
+    keep_fraction: float = 0.5,
+    system: str | None = None,
+    request: str = "",
+) -> tuple[str, str]:
+    """``(prompt text, text prefix)`` of a variation of ``parent`` (a SYNTHETIC candidate).
+
+    With ``prefix`` the prompt is the format's own (topic-free) prompt followed by the kept
+    words, and the draw's text is the prefix plus what the model writes; with ``rewrite`` the
+    prefix is empty (see :data:`VARIATIONS`).
+    """
+    if method == "rewrite":
+        return variation_prompt_text(name, tokenizer, parent, system), ""
+    if method != "prefix":
+        raise FormatError(f"generator.pe_variation: unknown {method!r}; known: {VARIATIONS}")
+    if name not in ("chat_user", "chat_reply"):
+        raise FormatError(
+            f"private_evolution needs a chat format (chat_user or chat_reply), not {name!r}"
+        )
+    base = build_format(name, tokenizer, system=system, request=request).prompt_texts[0]
+    prefix = parent_prefix(parent, keep_fraction)
+    return base + prefix, prefix
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a rendered prompt (as :func:`build_format` encodes them)."""
     return _encode(tokenizer, text)
@@ -250,6 +308,7 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 __all__ = [
     "FORMATS",
+    "VARIATIONS",
     "VARIATION_REQUEST",
     "VARIATION_SYSTEM",
     "encode_prompt",
@@ -258,6 +317,8 @@ __all__ = [
     "PromptFormat",
     "build_format",
     "load_topics",
+    "parent_prefix",
+    "variation_prompt",
     "resolve_format",
     "unconditional_prompt_ids",
 ]

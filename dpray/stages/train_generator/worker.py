@@ -184,7 +184,6 @@ def train_loop_per_worker(plan: dict) -> None:
                     step + 1,
                     total_steps,
                     epsilon or 0.0,
-                    seconds,
                 )
         _report(metrics, model, optimizer, step + 1, plan, rank)
 

@@ -228,7 +228,7 @@ def generate(
     return out[:count]
 
 
-def _spec(config: DprayConfig, model_path: Path, fmt_name: str, prompts, stop_ids):
+def _spec(config: DprayConfig, model_path: Path, fmt_name: str, prompts, stop_ids, prefixes=()):
     from dpray.stages.sample.backends import GeneratorSpec, prompts_digest
 
     prompts = tuple(tuple(int(t) for t in p) for p in prompts)
@@ -244,19 +244,31 @@ def _spec(config: DprayConfig, model_path: Path, fmt_name: str, prompts, stop_id
         stop_ids=tuple(int(t) for t in stop_ids),
         strategy="private_evolution",
         format=fmt_name,
+        prefixes=tuple(prefixes) if any(prefixes) else (),
     )
 
 
 def variation_prompts(
-    tokenizer, fmt_name: str, parents: list[str], system: str | None, max_chars: int
-) -> tuple[list[str], list[list[int]]]:
-    """(texts, token ids) of the prompts asking for variations of ``parents`` (synthetic)."""
-    from dpray.stages.train_generator.formats import encode_prompt, variation_prompt_text
+    tokenizer, fmt_name: str, parents: list[str], gc
+) -> tuple[list[str], list[list[int]], list[str]]:
+    """(texts, token ids, text prefixes) of the prompts asking for variations of ``parents``
+    (synthetic candidates), per ``generator.pe_variation`` (see ``formats.VARIATIONS``)."""
+    from dpray.stages.train_generator.formats import encode_prompt, variation_prompt
 
-    texts = [
-        variation_prompt_text(fmt_name, tokenizer, parent[:max_chars], system) for parent in parents
+    made = [
+        variation_prompt(
+            fmt_name,
+            tokenizer,
+            parent[: gc.pe_parent_chars],
+            method=gc.pe_variation,
+            keep_fraction=gc.pe_keep_fraction,
+            system=gc.system,
+            request=gc.request,
+        )
+        for parent in parents
     ]
-    return texts, [encode_prompt(tokenizer, t) for t in texts]
+    texts = [text for text, _ in made]
+    return texts, [encode_prompt(tokenizer, t) for t in texts], [prefix for _, prefix in made]
 
 
 # ----------------------------------------------------------------------------- one round
@@ -448,19 +460,15 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         )
         if r + 1 == rounds:
             break
-        _, prompt_ids = variation_prompts(
-            tokenizer, fmt.name, parents, gc.system, gc.pe_parent_chars
-        )
+        _, prompt_ids, prefixes = variation_prompts(tokenizer, fmt.name, parents, gc)
         children = max(1, gc.pe_variations - 1) * len(parents)
-        child_spec = _spec(config, model_path, fmt.name, prompt_ids, fmt.stop_ids)
+        child_spec = _spec(config, model_path, fmt.name, prompt_ids, fmt.stop_ids, prefixes)
         child_draws = generate(config, run_dir, child_spec, children, r + 1)
         texts = parents + [t for t, _ in child_draws]
         truncated = [False] * len(parents) + [tr for _, tr in child_draws]
         parent = list(range(len(parents))) + [i % len(parents) for i in range(children)]
 
-    prompt_texts, prompt_ids = variation_prompts(
-        tokenizer, fmt.name, parents, gc.system, gc.pe_parent_chars
-    )
+    _, prompt_ids, prefixes = variation_prompts(tokenizer, fmt.name, parents, gc)
     pq.write_table(
         pa.table({"text": pa.array(parents, pa.string())}), public / "population.parquet"
     )
@@ -494,6 +502,8 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         "adapter": False,
         "adapter_sha256": "",
         "round0_prompt_texts": fmt.prompt_texts,
+        "variation": gc.pe_variation,
+        "prompt_prefixes": prefixes if any(prefixes) else [],
         "population_file": "population.parquet",
         "history": history,
         **summary,
