@@ -165,3 +165,11 @@ def test_audit_leaks_exit_code_is_the_pipelines(tmp_path, capsys):
     capsys.readouterr()
     assert main(["audit", "leaks", str(run_dir.root)]) == EXIT_LEAK == 5
     assert "1 leaks" in capsys.readouterr().out
+
+
+def test_report_on_a_path_that_is_not_a_run_fails_and_creates_nothing(tmp_path, capsys):
+    """A mistyped run directory is an error (exit 2), not a new empty report."""
+    missing = tmp_path / "runs" / "typo"
+    assert main(["report", str(missing)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert not missing.exists()

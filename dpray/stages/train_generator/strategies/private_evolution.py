@@ -178,29 +178,20 @@ def generate(
     ``i % len(prompts)``), made on the sampling stage's Ray Data actors into resumable shards
     under ``generator/rounds/draws-R``.  Empty/short draws (and, with
     ``sample.drop_truncated``, draws cut at the token limit) come back as ``("", truncated)``."""
-    from dpray.stages.sample.backends import choose_backend, derive_seed, prompts_digest
+    from dpray.stages.sample.backends import choose_backend, derive_seed
     from dpray.stages.sample.clean import clean_column
     from dpray.stages.sample.shards import DrawStore
-    from dpray.stages.sample.stage import Progress, generate_shards, plan_resources
+    from dpray.stages.sample.stage import Progress, draw_plan, generate_shards, plan_resources
 
     sc = config.sample
     backend = choose_backend(sc.backend)
     resources = plan_resources(config, backend)
     seed = derive_seed("private_evolution", config.seed, sc.seed, round_index)
+    # the sampling stage's plan (what shapes a shard), with this round's own seed
     plan = {
+        **draw_plan(config, spec, backend, resources.device),
         "round": round_index,
-        "backend": backend,
-        "device": resources.device,
-        "base_model": spec.base_model,
-        "prompts": prompts_digest(spec.prompts),
-        "stop_ids": list(spec.stop_ids),
         "root_seed": seed,
-        "shard_size": sc.shard_size,
-        "temperature": sc.temperature,
-        "top_p": sc.top_p,
-        "top_k": sc.top_k,
-        "max_new_tokens": sc.max_new_tokens,
-        "batch_size": sc.batch_size if backend == "hf" else None,
     }
     folder = run_dir.public("generator") / ROUNDS_DIR / f"draws-{round_index}"
     store = DrawStore(folder, plan)
