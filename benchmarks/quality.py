@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
             "filter.num_clusters=4",
             "filter.target_size=60",
         ]
+    name = args.name or ("quality_quick" if args.quick else "quality")
+    config = {k: v for k, v in vars(args).items() if k != "work"}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = encoder()
@@ -385,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
                     seconds = dpray_run(
                         run_dir, [*base_sets, f"generator.strategy={strategy}"], log, args.config
                     )
+            if seconds is None:  # reused: the run's own stage timings
+                seconds = recorded_seconds(run_dir)
             out = run_outputs(run_dir) if done.exists() else run_outputs_unfiltered(run_dir)
             sets = {"unfiltered": out["unfiltered"]}
             if out.get("filtered") is not None:
@@ -410,19 +414,27 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
             }
             print(f"[quality] {ds} {strategy}: {summary_line(rows[strategy], floor)}", flush=True)
-        figures[ds] = {
-            "sample_size": n,
-            "private_records": len(private),
-            "real_floor": floor,
-            "strategies": rows,
-        }
-    name = args.name or ("quality_quick" if args.quick else "quality")
-    config = {k: v for k, v in vars(args).items() if k != "work"}
+            figures[ds] = {
+                "sample_size": n,
+                "private_records": len(private),
+                "real_floor": floor,
+                "strategies": rows,
+            }
+            # what is measured so far is kept if a later (hour-long) run fails or is stopped
+            write_result(name, figures, config)
     path = write_result(name, figures, config)
     plot(figures, RESULTS / f"{name}.png")
     print(table(figures))
     print(f"wrote {path}")
     return figures
+
+
+def recorded_seconds(run_dir: Path) -> float | None:
+    """Wall time of a finished run from its stage timings (``timings/stages.json``)."""
+    path = run_dir / "timings" / "stages.json"
+    if not path.exists():
+        return None
+    return float(sum(json.loads(path.read_text()).values()))
 
 
 def run_outputs_unfiltered(run_dir: Path) -> dict:
