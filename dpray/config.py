@@ -211,7 +211,8 @@ class GeneratorConfig(Section):
         "prompted: the base model prompted with public prompts, no training, the whole epsilon "
         "goes to the filter; private_evolution: rounds of DP nearest-neighbour votes of the "
         "private embeddings over candidates and variations of the voted ones (Aug-PE). "
-        "auto: dp_finetune with train.use_gpu, else private_evolution.",
+        "auto: dp_finetune with train.use_gpu, else prompted (measured best on CPU: "
+        "benchmarks/results/quality.json).",
     )
     format: Literal["auto", "unconditional", "chat_user", "chat_reply"] = Field(
         "auto",
@@ -273,7 +274,7 @@ class GeneratorConfig(Section):
     def resolved_strategy(self, use_gpu: bool) -> str:
         if self.strategy != "auto":
             return self.strategy
-        return "dp_finetune" if use_gpu else "private_evolution"
+        return "dp_finetune" if use_gpu else "prompted"
 
     def resolved_topics(self, strategy: str) -> str | None:
         if self.topics is not None:
