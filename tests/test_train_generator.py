@@ -19,6 +19,7 @@ from dpray.privacy.ledger import Ledger
 from dpray.rundir import RunDir
 from dpray.stages import STAGES
 from tests.conftest import shared_data
+from tests.train_helpers import dp_train_tree
 
 pytestmark = pytest.mark.slow
 
@@ -55,22 +56,9 @@ def real_500(tmp_path_factory):
 
 
 def _config(tmp_path, data, model, **train):
-    tree = {
-        "run_dir": str(tmp_path / "run"),
-        "data": {"path": str(data), "text_field": "instruction", "id_field": "id"},
-        "privacy": {"epsilon": 4.0, "delta": 1e-5},
-        # these tests are about DP-SGD; on CPU `auto` would pick private_evolution
-        "generator": {"strategy": "dp_finetune"},
-        "train": {
-            "model": str(model),
-            "expected_batch_size": 32,
-            "micro_batch_size": 16,
-            "max_tokens": 48,
-            "learning_rate": 5e-3,
-            **train,
-        },
-    }
-    return config_from_tree(tree)
+    return config_from_tree(
+        dp_train_tree(tmp_path / "run", data, model, **{"learning_rate": 5e-3, **train})
+    )
 
 
 def _generate(model_dir, adapter_dir, prompt_ids, stop_ids):

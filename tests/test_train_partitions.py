@@ -22,6 +22,7 @@ from dpray.stages import STAGES
 from dpray.stages.train_generator import stage as stage_module
 from dpray.stages.train_generator.worker import ids_digest
 from tests.test_train_generator import ray_local, real_500, tiny_model  # noqa: F401 (fixtures)
+from tests.train_helpers import dp_train_tree
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +48,9 @@ def test_each_secure_worker_receives_only_its_partition(
     real_500,  # noqa: F811
     monkeypatch,
 ):
-    tree = {
-        "run_dir": str(tmp_path / "run"),
-        "data": {"path": str(real_500), "text_field": "instruction", "id_field": "id"},
-        "privacy": {"epsilon": 4.0, "delta": 1e-5},
-        "generator": {"strategy": "dp_finetune"},
-        "train": {
-            "model": str(tiny_model),
-            "expected_batch_size": 32,
-            "micro_batch_size": 16,
-            "max_tokens": 48,
-            "steps": 2,
-            "num_workers": 2,
-            "checkpoint_every": 2,
-        },
-    }
+    tree = dp_train_tree(
+        tmp_path / "run", real_500, tiny_model, steps=2, num_workers=2, checkpoint_every=2
+    )
     config = config_from_tree(tree)
     run_dir = RunDir(config.run_dir)
     run_stage(STAGES["ingest"], config, run_dir)

@@ -17,28 +17,22 @@ from dpray.pipeline import run_stage
 from dpray.rundir import RunDir
 from dpray.stages import STAGES
 from tests.test_train_generator import ray_local, real_500, tiny_model  # noqa: F401 (fixtures)
+from tests.train_helpers import dp_train_tree
 
 pytestmark = pytest.mark.slow
 
 
 def test_redone_step_samples_a_fresh_batch(tmp_path, ray_local, tiny_model, real_500):  # noqa: F811
-    tree = {
-        "run_dir": str(tmp_path / "run"),
-        "data": {"path": str(real_500), "text_field": "instruction", "id_field": "id"},
-        "privacy": {"epsilon": 4.0, "delta": 1e-5},
-        "generator": {"strategy": "dp_finetune"},
-        "train": {
-            "model": str(tiny_model),
-            "expected_batch_size": 32,
-            "micro_batch_size": 16,
-            "max_tokens": 48,
-            "steps": 2,
-            "num_workers": 2,
-            "checkpoint_every": 2,
-            "max_failures": 1,
-            "fail_at_step": 1,
-        },
-    }
+    tree = dp_train_tree(
+        tmp_path / "run",
+        real_500,
+        tiny_model,
+        steps=2,
+        num_workers=2,
+        checkpoint_every=2,
+        max_failures=1,
+        fail_at_step=1,
+    )
     config = config_from_tree(tree)
     run_dir = RunDir(config.run_dir)
     run_stage(STAGES["ingest"], config, run_dir)

@@ -16,30 +16,25 @@ from dpray.privacy.ledger import Ledger
 from dpray.rundir import RunDir, file_digest, read_json
 from dpray.stages import STAGES
 from tests.test_train_generator import ray_local, real_500, tiny_model  # noqa: F401 (fixtures)
+from tests.train_helpers import dp_train_tree
 
 pytestmark = pytest.mark.slow
 
 
 def _tree(run, data, model) -> dict:
-    return {
-        "run_dir": str(run),
-        "data": {"path": str(data), "text_field": "instruction", "id_field": "id"},
-        "privacy": {"epsilon": 8.0, "delta": 1e-5},
-        "generator": {"strategy": "dp_finetune"},
-        "train": {
-            "model": str(model),
-            "expected_batch_size": 32,
-            "micro_batch_size": 16,
-            "max_tokens": 48,
-            "learning_rate": 5e-3,
-            "noise_multiplier": 2.0,
-            "steps": 5,
-            "num_workers": 1,
-            "checkpoint_every": 2,
-            "max_failures": 0,  # the injected fault ends the run: an interruption
-            "fail_at_step": 3,
-        },
-    }
+    return dp_train_tree(
+        run,
+        data,
+        model,
+        epsilon=8.0,
+        learning_rate=5e-3,
+        noise_multiplier=2.0,
+        steps=5,
+        num_workers=1,
+        checkpoint_every=2,
+        max_failures=0,  # the injected fault ends the run: an interruption
+        fail_at_step=3,
+    )
 
 
 def _train_events(run_dir: RunDir) -> list:

@@ -47,3 +47,21 @@ def batch_of(units: list[list[np.ndarray]], unit_ids: list[int], prompt_len: int
         seqs.extend(units[u])
         owners.extend([u] * len(units[u]))
     return collate(seqs, owners, prompt_len, pad_id=0)
+
+
+def dp_train_tree(run, data, model, epsilon: float = 4.0, **train) -> dict:
+    """The config tree of a tiny DP-SGD run (``generator.strategy`` pinned: on CPU ``auto``
+    would pick another strategy); ``train`` adds or overrides train keys."""
+    return {
+        "run_dir": str(run),
+        "data": {"path": str(data), "text_field": "instruction", "id_field": "id"},
+        "privacy": {"epsilon": epsilon, "delta": 1e-5},
+        "generator": {"strategy": "dp_finetune"},
+        "train": {
+            "model": str(model),
+            "expected_batch_size": 32,
+            "micro_batch_size": 16,
+            "max_tokens": 48,
+            **train,
+        },
+    }
