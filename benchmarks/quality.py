@@ -21,7 +21,8 @@ over ``--subsamples`` draws), the benchmark reports:
   from A (0.5 = indistinguishable; the floor tells B from A);
 * MAUVE (mauve-text on the same features), FED and bias-corrected FED with the share of the
   unfiltered-to-floor gap the filter closed, cluster TV (k-means on A + candidates);
-* the share of candidates that ended with the stop token (not cut at ``max_new_tokens``), the
+* the share of all draws that ended with the stop token (not cut at ``max_new_tokens``; the
+  sampler drops cut draws, so the kept sets end with it by construction and report 100%), the
   duplicate rate, and the ledger's epsilon.
 
 ``--reference`` adds the non-private ceiling: the same fine-tune with no noise and no clipping
@@ -136,9 +137,23 @@ def run_outputs(run_dir: Path) -> dict:
         - float(
             np.mean([truncated.get(s, False) for s in filtered.column("sample_id").to_pylist()])
         ),
+        "ended_draws": draws_ended(report),
         "sampler_duplicate_rate": report.get("duplicate_rate"),
         "epsilon": ledger["spent"]["epsilon"],
     }
+
+
+def draws_ended(report: dict) -> float | None:
+    """Share of all generated draws that stopped on their own (before any were dropped).
+
+    The sampler drops draws cut at ``max_new_tokens`` (``sample.drop_truncated``), so the kept
+    candidates end with the stop token by construction; this is the share that tells how often
+    the generator finishes an instruction within the token limit.
+    """
+    generated = report.get("generated")
+    if not generated:
+        return None
+    return 1 - float(report.get("truncated", 0)) / float(generated)
 
 
 def duplicate_rate(texts: list[str]) -> float:
@@ -385,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seconds = reference_run(run_dir, data, log, args.config, base_sets)
                 else:
                     seconds = dpray_run(
-                        run_dir, [*base_sets, f"generator.strategy={strategy}"], log, args.config
+                        run_dir, strategy_sets(strategy, base_sets), log, args.config
                     )
             if seconds is None:  # reused: the run's own stage timings
                 seconds = recorded_seconds(run_dir)
@@ -400,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds": seconds,
                 "epsilon": out["epsilon"],
                 "ended_with_stop": {
+                    "draws": out.get("ended_draws"),
                     "unfiltered": out["ended_unfiltered"],
                     "filtered": out.get("ended_filtered"),
                 },
@@ -429,6 +445,18 @@ def main(argv: list[str] | None = None) -> dict:
     return figures
 
 
+def strategy_sets(strategy: str, base_sets: list[str]) -> list[str]:
+    """The ``--set`` overrides that switch the recipe to ``strategy``.
+
+    dp_finetune learns what to write from the private data under one fixed prompt, so it runs
+    without the public topic list that prompted and private_evolution draw from.
+    """
+    sets = [*base_sets, f"generator.strategy={strategy}"]
+    if strategy == "dp_finetune":
+        sets.append("generator.topics=none")
+    return sets
+
+
 def recorded_seconds(run_dir: Path) -> float | None:
     """Wall time of a finished run from its stage timings (``timings/stages.json``)."""
     path = run_dir / "timings" / "stages.json"
@@ -441,20 +469,24 @@ def run_outputs_unfiltered(run_dir: Path) -> dict:
     """The reference run has candidates but no DP filter."""
     import pyarrow.parquet as pq
 
+    ids = pq.read_table(run_dir / "embed" / "synthetic.parquet").column("sample_id").to_pylist()
     vectors = np.load(run_dir / "embed" / "synthetic.npy")
-    texts = []
+    text_of = {}
     for p in sorted((run_dir / "sample").glob("part-*.parquet")):
-        texts += pq.read_table(p).column("text").to_pylist()
-    truncated = []
+        t = pq.read_table(p, columns=["sample_id", "text"]).to_pydict()
+        text_of.update(zip(t["sample_id"], t["text"], strict=True))
+    truncated = {}
     for draw in sorted((run_dir / "sample" / "draws").glob("draw-*.parquet")):
-        truncated += pq.read_table(draw, columns=["truncated"]).column("truncated").to_pylist()
+        t = pq.read_table(draw, columns=["sample_id", "truncated"]).to_pydict()
+        truncated.update(zip(t["sample_id"], t["truncated"], strict=True))
     report = json.loads((run_dir / "sample" / "report.json").read_text())
     return {
         "unfiltered": vectors,
         "filtered": None,
-        "unfiltered_texts": texts,
+        "unfiltered_texts": [text_of[s] for s in ids],
         "filtered_texts": None,
-        "ended_unfiltered": 1 - float(np.mean(truncated)) if truncated else None,
+        "ended_unfiltered": 1 - float(np.mean([truncated.get(s, False) for s in ids])),
+        "ended_draws": draws_ended(report),
         "sampler_duplicate_rate": report.get("duplicate_rate"),
         "epsilon": float("inf"),
     }
@@ -489,14 +521,14 @@ def _num(value, digits: int = 3) -> str:
 def table(figures: dict) -> str:
     lines = [
         "| data | strategy | set | probe acc. | MAUVE | FED | FED (bias-corr.) | gap closed | "
-        "cluster TV | ended with stop | dup. rate | epsilon | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "cluster TV | draws ended with stop | kept ended with stop | dup. rate | epsilon | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ds, fig in figures.items():
         floor = fig["real_floor"]
         lines.append(
             f"| {ds} | real vs real | | {floor['probe_accuracy']:.3f} | {floor['mauve']:.3f} | "
-            f"{floor['fed']:.3f} | {floor['fed_bias_corrected']:.3f} | | | | | | |"
+            f"{floor['fed']:.3f} | {floor['fed_bias_corrected']:.3f} | | | | | | | |"
         )
         for strategy, row in fig["strategies"].items():
             m = row["metrics"]
@@ -507,7 +539,8 @@ def table(figures: dict) -> str:
                 gap = ""
                 if kind == "filtered":
                     gap = f"{_pct(m.get('gap_closed_fed'))} ({_pct(m.get('gap_closed_fed_bias_corrected'))})"
-                ended = row["ended_with_stop"][kind]
+                ended = row["ended_with_stop"].get(kind)
+                drawn = row["ended_with_stop"].get("draws") if kind == "unfiltered" else None
                 dup = row["duplicate_rate"]["filtered" if kind == "filtered" else "sampler"]
                 cells = [
                     ds,
@@ -519,6 +552,7 @@ def table(figures: dict) -> str:
                     _num(m[kind]["fed_bias_corrected"]),
                     gap,
                     _num(m["cluster_tv"][kind]),
+                    "" if drawn is None else f"{drawn:.1%}",
                     "" if ended is None else f"{ended:.1%}",
                     "" if dup is None else f"{dup:.1%}",
                     _num(row["epsilon"], 2),
