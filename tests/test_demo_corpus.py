@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import statistics
 import time
@@ -169,3 +171,53 @@ def test_write_demo_jsonl(tmp_path):
     assert len(lines) == 120
     parsed = [json.loads(line) for line in lines]
     assert parsed == generate_demo_records(n=120, seed=3, num_users=30)
+
+
+# sha256 of the corpus for the default (n=3000, seed=0, num_users=300), computed with the
+# pre-data-file generator (literals in corpus.py, before #15): moving templates to
+# dpray/demo/data/*.yaml kept it byte-identical. A change to the data files or the generator
+# that alters the corpus fails here; update the digests only when that is intended.
+DEMO_JSONL_SHA256 = "361638e7a73f53ba3b615f65fd0f332b706d40e7585a9c77cb56eec2fdfdf579"
+TAGGED_SHA256 = "c6c0e690cfe69abdf43a772b2c639f44efd1a92908921afbba7334e881a770c9"
+
+
+def test_corpus_digest_is_pinned(records, tagged):
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    assert hashlib.sha256(jsonl.encode("utf-8")).hexdigest() == DEMO_JSONL_SHA256
+    tags = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in tagged)
+    assert hashlib.sha256(tags.encode("utf-8")).hexdigest() == TAGGED_SHA256
+
+
+def test_every_template_fills():
+    """Each template in the data files names only slots that exist (a typo fails here, not
+    only when the seed happens to draw that template)."""
+    from dpray.demo import corpus
+
+    rng = random.Random(0)
+    persona = corpus._make_persona(rng)
+    vocab = corpus._VOCAB
+    shared = [
+        *vocab["constraints"],
+        *vocab["rambles"],
+        *vocab["generic_pii"],
+        *vocab["passage_sentences"],
+    ]
+    for name, spec in corpus._TOPIC_SPECS.items():
+        templates = [*spec["requests"], *spec["short"], *spec["contexts"], *spec.get("pii", [])]
+        for template in templates + shared:
+            text = corpus._Filler(rng, spec["slots"], persona).fill(template)
+            assert not re.search(r"\{\w+\}", text), (name, template)
+
+
+def test_data_files_ship_as_package_data():
+    import tomllib
+    from importlib import resources
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "demo/data/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["dpray"]
+    data = resources.files("dpray.demo") / "data"
+    assert {p.name for p in data.iterdir() if p.name.endswith(".yaml")} == {
+        "topics.yaml",
+        "vocabulary.yaml",
+    }
