@@ -263,7 +263,7 @@ def test_examples_are_a_seeded_random_sample(full_run_dir):
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.fail("chromium is not installed (.ci/run installs it with apt-get)")
+        pytest.fail("chromium is not installed (bash scripts/install-system-deps.sh installs it)")
     page = write_report(run_dir)
     shot = tmp_path / "shot.png"
     subprocess.run(
