@@ -669,6 +669,12 @@ class DprayConfig(Section):
         description="Stages `dpray run` leaves out (e.g. [reward, ppo] for an SFT-only run).",
     )
     seed: int = Field(0, description="Root seed; each stage derives its own from it.")
+    progress: bool | None = Field(
+        None,
+        description="Ray Data's progress bars (null: only on a terminal; false for CI logs, true "
+        "for Ray's periodic progress lines where stdout is not a terminal). In no stage's "
+        "fingerprint.",
+    )
     data: DataConfig
     privacy: PrivacyConfig
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 from dpray.config import DprayConfig
@@ -52,11 +53,40 @@ def ray_temp_dir(config: DprayConfig, run_dir: RunDir) -> Path:
     return cache_root() / "ray" / digest
 
 
+def progress_enabled(config: DprayConfig) -> bool:
+    """Whether long work shows progress: the config's ``progress``, else only on a terminal."""
+    if config.progress is not None:
+        return config.progress
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def configure_progress(config: DprayConfig) -> bool:
+    """Ray Data's own progress bars on or off for this driver, from :func:`progress_enabled`.
+
+    Why one switch: on a terminal Ray Data draws tqdm bars, but where stdout is not a terminal
+    (a pipe, ``tee``, CI, ``ray job submit``) it instead logs a block of "Active & requested
+    resources" lines every 10 s, which buries dpray's own log.  So bars by default on a terminal,
+    nothing by default elsewhere, and ``progress: true`` opts back in to Ray's periodic lines.
+    Bars name operators (``MapBatches(SamplingActor)``) and counts, never a record's text.
+    """
+    from ray.data import DataContext
+
+    enabled = progress_enabled(config)
+    DataContext.get_current().enable_progress_bars = enabled
+    # Off, Ray Data warns once that its bars are disabled and names its own knob; dpray's is
+    # `progress`, so that notice (and any progress line) stays out of the console.
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.NOTSET if enabled else logging.ERROR
+    )
+    return enabled
+
+
 def ensure_ray(config: DprayConfig, run_dir: RunDir) -> None:
     """Connect to Ray once per process (no-op when already connected)."""
     import ray
 
     configure_caches(run_dir)
+    configure_progress(config)
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
