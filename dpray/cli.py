@@ -13,15 +13,22 @@ import logging
 import sys
 from pathlib import Path
 
+import dpray
 from dpray.config import ConfigError, DprayConfig, load_config, packaged_config_path
-from dpray.io.readers import SourceError
-from dpray.privacy.ledger import BudgetExceededError, Ledger
+from dpray.errors import (
+    EXIT_BUDGET,
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_INTERRUPTED,
+    EXIT_LEAK,
+    EXIT_UNEXPECTED,
+    classify,
+    exit_codes_text,
+)
+from dpray.privacy.ledger import Ledger
 from dpray.rundir import RunDir
 
-EXIT_CONFIG = 2
-EXIT_DATA = 3
-EXIT_BUDGET = 4
-EXIT_LEAK = 5  # private text in a public file: `dpray run` and `dpray audit leaks` alike
+__all__ = ["EXIT_BUDGET", "EXIT_CONFIG", "EXIT_DATA", "EXIT_LEAK", "build_parser", "main"]
 RUN_DIR_COMMANDS = {"report"}  # stages whose command takes a run directory, not a config
 
 log = logging.getLogger("dpray")
@@ -61,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpray",
         description="Differentially private synthetic instructions, on Ray. Each stage reads "
         "the files of earlier stages from the run directory and writes its own.",
+        epilog="A failure prints one line naming what to fix (file, config key or address).\n\n"
+        + exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dpray {dpray.__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of a failure (also accepted after the command)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -119,6 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_spend_again(p)
     p.set_defaults(handler=_cmd_run, config=None, stages=None)
+
+    p = sub.add_parser(
+        "plan",
+        help="Dry run: check the config, paths, data and cluster; print what each stage asks.",
+        description="Validates the config (cross-section checks included), resolves the model "
+        "and data paths, counts the input records, and prints per stage the resources asked, "
+        "the DP parameters the ledger would record, the expected output sizes and a time "
+        "estimate from benchmarks/results, plus the driver's memory need. Starts no training, "
+        "loads no model weights and needs no GPU. Exits non-zero (the codes below) on anything "
+        "that would fail later.\n\n"
+        "reads:  the config, data.path, model folders' config.json, RUN_DIR if it exists\n"
+        "writes: nothing\n\n" + exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(p)
+    p.add_argument("--stages", help="comma-separated subset of stages to plan")
+    p.add_argument(
+        "--cluster",
+        metavar="MANIFEST",
+        help="a KubeRay RayJob/RayCluster manifest (cluster/*.yaml): check every stage's "
+        "per-worker request against its worker groups' node shapes, and the head's memory",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="solve sigma with the RDP accountant only (seconds instead of tens of seconds; "
+        "an upper bound of the PLD sigma the stages calibrate)",
+    )
+    p.set_defaults(handler=_cmd_plan)
 
     p = sub.add_parser(
         "report",
@@ -202,9 +248,21 @@ def _load(args: argparse.Namespace) -> tuple[DprayConfig, RunDir]:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     config = load_config(path, overrides)
+    from dpray.preflight import check_run_dir
+
+    for problem in check_run_dir(config.run_dir):  # before RunDir creates folders in it
+        raise problem
     run_dir = RunDir(config.run_dir)
+    args.run_root = run_dir.root  # where the error boundary places a missing file
     _log_to_file(run_dir)
     return config, run_dir
+
+
+def _preflight(config: DprayConfig, run_dir: RunDir, stages: list[str] | None) -> None:
+    """The checks that must pass before Ray starts (see :mod:`dpray.preflight`)."""
+    from dpray.preflight import preflight, stages_to_run
+
+    preflight(config, stages_to_run(config, stages), run_dir.root)
 
 
 def _configure_logging(level: int) -> None:
@@ -259,6 +317,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from dpray.stages import STAGES
 
     config, run_dir = _load(args)
+    _preflight(config, run_dir, [args.stage])
     result = run_stage(
         STAGES[args.stage], config, run_dir, force=args.force, spend_again=args.spend_again
     )
@@ -275,6 +334,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config, run_dir = _load(args)
     stages = args.stages.split(",") if getattr(args, "stages", None) else None
+    _preflight(config, run_dir, stages)
     run_pipeline(config, run_dir, stages=stages, force=args.force, spend_again=args.spend_again)
     print(f"run complete; outputs in {run_dir.root}")
     print(f"  privacy ledger: {run_dir.ledger_path}")
@@ -345,31 +405,77 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dpray.plan import make_plan
+
+    path = args.config
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    config = load_config(path, overrides)
+    stages = args.stages.split(",") if args.stages else None
+    plan = make_plan(
+        config, stages=stages, address=args.address, cluster=args.cluster, quick=args.quick
+    )
+    print(plan.to_json() if args.json else plan.format())
+    return plan.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn any failure into one line and a documented exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    from dpray.audit.leaks import ScanInputError
-    from dpray.pipeline import LeakError
-    from dpray.stages.ingest import IngestError
-
     try:
         return args.handler(args)
-    except ScanInputError as exc:  # a scan with nothing to compare against is never a pass
-        print(f"dpray: leak scan: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ConfigError as exc:
-        print(f"dpray: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (IngestError, SourceError) as exc:
-        print(f"dpray: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
-    except BudgetExceededError as exc:
-        print(f"dpray: privacy budget: {exc}", file=sys.stderr)
-        return EXIT_BUDGET
-    except LeakError as exc:
-        print(f"dpray: leak scan: {exc}", file=sys.stderr)
-        return EXIT_LEAK
+    except KeyboardInterrupt:
+        print("dpray: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes one line
+        return _report_failure(exc, args, debug)
+
+
+def _report_failure(exc: Exception, args: argparse.Namespace, debug: bool) -> int:
+    """Print the one line (and with ``debug`` the traceback) for ``exc``; return its exit code.
+
+    An unexpected exception's message may hold anything, private text included, so only its
+    class is printed; its traceback goes to the run's private log (and to stderr with --debug).
+    """
+    import traceback
+
+    root = _run_root(args)
+    known = classify(exc, root)
+    if debug:
+        traceback.print_exc()
+    if known is not None:
+        code, label, message = known
+        print(f"dpray: {label}: {message}", file=sys.stderr)
+        return code
+    logger = logging.getLogger("dpray")
+    files = [h for h in logger.handlers if getattr(h, "_dpray_file", False)]
+    files = files if getattr(args, "run_root", None) else []  # not an earlier command's log
+    record = logger.makeRecord(
+        "dpray", logging.ERROR, __file__, 0, "unexpected error", (), sys.exc_info()
+    )
+    for handler in files:
+        handler.handle(record)
+    where = f" (traceback in {files[0].baseFilename})" if files else ""
+    hint = "" if debug else "; rerun with --debug for the traceback"
+    print(f"dpray: unexpected error: {type(exc).__name__}{where}{hint}", file=sys.stderr)
+    return EXIT_UNEXPECTED
+
+
+def _run_root(args: argparse.Namespace) -> Path | None:
+    """The run directory of this command, where one is known (to place a missing file)."""
+    root = getattr(args, "run_root", None)
+    if root is None and getattr(args, "run_dir", None):
+        root = Path(args.run_dir).expanduser().resolve()
+    return root
 
 
 if __name__ == "__main__":
