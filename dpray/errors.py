@@ -154,7 +154,7 @@ def producer(relative: Path) -> str | None:
 def missing_input_message(path: Path, run_root: Path) -> str:
     """One line for an earlier stage's missing output: the file and the command that writes it."""
     try:
-        relative = path.resolve().relative_to(run_root.resolve())
+        relative = path.parent.resolve().relative_to(run_root.resolve()) / path.name
     except ValueError:
         return f"{path} does not exist"
     stage = producer(relative)

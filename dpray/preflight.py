@@ -206,8 +206,10 @@ def check_inputs(config: DprayConfig, root: Path, stages: list[str]) -> Iterator
             else:
                 found = (root / relative).exists()
             if not found:
-                path = root / relative.replace("part-*.parquet", "")
-                yield MissingInputError(f"{stage}: " + missing_input_message(path, root))
+                message = missing_input_message(root / relative, root)
+                if "*" in relative:
+                    message = message.replace(" does not exist", " matches no file", 1)
+                yield MissingInputError(f"{stage}: {message}")
 
 
 def check_parquet(root: Path) -> Iterator[DprayError]:

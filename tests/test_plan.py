@@ -119,3 +119,21 @@ def test_plan_text_names_each_stage(tmp_path, capsys):
     assert code == 0
     assert "filter" in out and "DP: sigma" in out and "driver memory" in out
     assert "KubeRay head pod memory request" in out
+
+
+def test_plan_reads_the_nodes_of_an_address(tmp_path, capsys, monkeypatch):
+    """With --address, plan checks the stages against ``ray.nodes()`` (here a stand-in list of
+    the alive nodes; the address itself must answer, as a listening socket does)."""
+    import socket
+
+    import dpray.plan as plan_module
+
+    nodes = [{"name": "cpu-node", "CPU": 4.0, "GPU": 0.0, "memory": 8 * 2**30}]
+    monkeypatch.setattr(plan_module, "ray_node_shapes", lambda address: nodes)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        argv = ["--set", "train.use_gpu=true", "--address", address]
+        code, result = plan(capsys, REPO / "jobs" / "smoke.yaml", tmp_path, *argv)
+    assert code == EXIT_RESOURCES
+    assert result["nodes"] == f"1 alive node(s) at {address}"
+    assert "no alive Ray node has a GPU" in result["problems"][0]["message"]

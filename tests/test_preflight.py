@@ -190,3 +190,14 @@ def test_unexpected_error_prints_its_class_only(tmp_path, capsys, monkeypatch):
 
     assert main(["--debug", "budget", str(tmp_path)]) == EXIT_UNEXPECTED
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_missing_sample_shards_are_named_by_their_pattern(tmp_path, capsys):
+    cfg = smoke(tmp_path)
+    (tmp_path / "run" / "private" / "ingest").mkdir(parents=True)
+    (tmp_path / "run" / "private" / "ingest" / "instructions.parquet").write_bytes(b"")
+    (tmp_path / "run" / "sample").mkdir()
+    assert main(["embed", str(cfg)]) == EXIT_MISSING_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert "RUN_DIR/sample/part-*.parquet matches no file" in line
+    assert "run `dpray sample CONFIG`" in line
