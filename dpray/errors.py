@@ -107,6 +107,10 @@ def classify(exc: BaseException, run_root: Path | None = None) -> tuple[int, str
         return EXIT_RESOURCES, "resources", str(exc)
     if name == "ModelSpecError" and module == "dpray.models.loader":
         return EXIT_CONFIG, "model", str(exc)
+    if isinstance(exc, ConnectionError) and "ray" in str(exc).lower():
+        # Ray's own "could not find/connect to a Ray instance" (address auto, or a lost head)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return EXIT_CLUSTER, "Ray cluster", f"{first} (--address, ray.address, RAY_ADDRESS)"
     if isinstance(exc, FileNotFoundError) and exc.filename and run_root is not None:
         path = Path(str(exc.filename))
         if _inside(path, run_root):
@@ -132,7 +136,9 @@ STAGE_FOLDERS = {
     "generator": "train-generator",
     "train": "train-generator",
     "sample": "sample",
+    "sample_draws": "sample",
     "embed": "embed",
+    "embed_cache": "embed",
     "filter": "filter",
     "annotate": "annotate",
     "sft": "sft",

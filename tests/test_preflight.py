@@ -201,3 +201,10 @@ def test_missing_sample_shards_are_named_by_their_pattern(tmp_path, capsys):
     line = one_line(capsys.readouterr().err)
     assert "RUN_DIR/sample/part-*.parquet matches no file" in line
     assert "run `dpray sample CONFIG`" in line
+
+
+def test_ray_connection_error_is_one_line():
+    exc = ConnectionError("Could not find any running Ray instance.\nPlease specify the one ...")
+    code, label, message = classify(exc)
+    assert code == EXIT_CLUSTER and label == "Ray cluster"
+    assert message.startswith("Could not find any running Ray instance.") and "\n" not in message
