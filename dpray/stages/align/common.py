@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpray.config import AlignTrainerConfig
+from dpray.resources import WorkerShape, fit_workers
 from dpray.rundir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -241,12 +242,16 @@ def worker_loop(train: Callable[[dict], tuple[Any, dict, Any]]) -> Callable[[dic
 # ---------------------------------------------------------------------------- driver side
 
 
-def cpus_per_worker(section: AlignTrainerConfig) -> int:
-    if section.cpus_per_worker:
-        return section.cpus_per_worker
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // section.num_workers)
+def worker_shape(stage: str, section: AlignTrainerConfig, nodes=None) -> WorkerShape:
+    """Each Ray Train worker's CPUs/GPUs, fitted to the alive nodes' shapes (``cpus_per_worker``
+    when set, else as many as still place every worker); a clear error at once if none fits."""
+    return fit_workers(
+        stage,
+        section.num_workers,
+        gpus=1 if section.use_gpu else 0,
+        cpus=section.cpus_per_worker or None,
+        nodes=nodes,
+    )
 
 
 def fit(
@@ -269,8 +274,8 @@ def fit(
     for key in ("rows", "prompts"):
         if isinstance(plan.get(key), list):
             plan[key] = ray.put(plan[key])
-    cpus = cpus_per_worker(section)
-    plan["threads"] = cpus
+    shape = worker_shape(plan["stage"], section)
+    plan["threads"] = shape.cpus
     storage = run_dir.private(plan["stage"]) / "ray_results"
     name = f"{plan['stage']}-{plan['run_id']}"
     trainer = TorchTrainer(
@@ -280,7 +285,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=section.num_workers,
             use_gpu=section.use_gpu,
-            resources_per_worker={"CPU": cpus},
+            resources_per_worker={"CPU": shape.cpus, **({"GPU": shape.gpus} if shape.gpus else {})},
         ),
         run_config=RunConfig(
             name=name,

@@ -167,10 +167,11 @@ class LocalResponder:
             return
         import torch
 
+        from dpray.resources import local_device
         from dpray.stages.align.models import load_causal_lm
         from dpray.stages.sample.hf import HFSampler
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = local_device(device)  # in an actor: from the GPU Ray gave it
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model, self.tokenizer = load_causal_lm(spec, dtype=dtype, device=device)
         self._sampler = HFSampler(
@@ -296,14 +297,15 @@ def respond_all(
 def _respond_on_ray(spec, instructions, settings, seed, backend, num_actors, plan):
     import ray
 
-    from dpray.stages.sample.backends import cuda_available
+    from dpray.resources import alive_nodes, fit_workers, total_slots
 
-    gpus = 1 if backend == "vllm" or cuda_available() else 0
-    resources = ray.cluster_resources()
+    nodes = alive_nodes()  # per node: an actor runs on one, and the driver's GPUs do not count
+    gpus = 1 if backend == "vllm" or any(node.gpus for node in nodes) else 0
     if num_actors is None:  # one per GPU, else one single-threaded actor per core (see sample)
-        num_actors = max(1, int(resources.get("GPU" if gpus else "CPU", 1)))
+        num_actors = max(1, total_slots(nodes, 0 if gpus else 1, gpus))
     num_actors = min(num_actors, len(plan))
-    cpus = max(1, int(resources.get("CPU", 1)) // num_actors)
+    shape = fit_workers("generate", num_actors, gpus=gpus, nodes=nodes)
+    cpus = shape.cpus
     settings = GenerationSettings(**{**settings.to_dict(), "threads": settings.threads or cpus})
     items = [
         {"chunk": j, "start": start, "texts": list(instructions[start:stop])}

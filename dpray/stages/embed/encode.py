@@ -79,8 +79,10 @@ class EncoderActor:
         threads: int,
         backend: str = "sentence-transformers",
     ) -> None:
+        from dpray.resources import local_device
+
         self.batch_size = batch_size
-        self.encode = make_encoder(model_path, device, threads, backend)
+        self.encode = make_encoder(model_path, local_device(device), threads, backend)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = self.encode(list(batch["text"]), self.batch_size)
@@ -149,13 +151,20 @@ def resolve_backend(backend: str, model_path: str, use_gpu: bool) -> str:
     return "sentence-transformers"
 
 
-def default_num_actors(use_gpu: bool) -> int:
-    """One actor per CPU (per GPU with ``use_gpu``) of the Ray cluster."""
-    import ray
+def default_num_actors(use_gpu: bool, nodes=None) -> int:
+    """One actor per CPU (per GPU with ``use_gpu``) of the alive Ray nodes."""
+    from dpray.resources import alive_nodes, total_slots
 
-    resources = ray.cluster_resources()
-    key = "GPU" if use_gpu else "CPU"
-    return max(1, int(resources.get(key, 1)))
+    return max(1, total_slots(alive_nodes(nodes), 0 if use_gpu else 1, 1 if use_gpu else 0))
+
+
+def actor_shape(actors: int, use_gpu: bool, nodes=None):
+    """Each actor's CPUs/GPUs, fitted to the alive nodes (a clear error if none fits)."""
+    from dpray.resources import fit_workers
+
+    if use_gpu:  # the GPU does the work: no CPU reserved, as before
+        return fit_workers("embed", actors, gpus=1, cpus=0, nodes=nodes)
+    return fit_workers("embed", actors, nodes=nodes)
 
 
 def embed_texts(
@@ -178,8 +187,8 @@ def embed_texts(
         return np.zeros((0, 0), dtype=np.float32)
     actors = num_actors or default_num_actors(use_gpu)
     actors = max(1, min(actors, math.ceil(len(texts) / batch_size)))
-    cpus = ray.cluster_resources().get("CPU", 1)
-    threads = 1 if use_gpu else max(1, int(cpus // actors))
+    shape = actor_shape(actors, use_gpu)
+    threads = 1 if use_gpu else shape.cpus
     backend = resolve_backend(backend, model_path, use_gpu)
     tokenizer_file = None
     if backend == "traced":
@@ -207,7 +216,7 @@ def embed_texts(
         fn_constructor_kwargs={
             "model_path": model_path,
             "batch_size": batch_size,
-            "device": "cuda" if use_gpu else "cpu",
+            "device": "auto",  # resolved in the actor, from the GPU Ray gave it
             "threads": threads,
             "backend": backend,
         },
@@ -216,8 +225,8 @@ def embed_texts(
         compute=ray.data.ActorPoolStrategy(
             size=actors, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR
         ),
-        num_cpus=0 if use_gpu else threads,
-        num_gpus=1 if use_gpu else 0,
+        num_cpus=shape.cpus,
+        num_gpus=shape.gpus,
     )
     out: np.ndarray | None = None
     done = 0

