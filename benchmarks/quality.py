@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, write_result
+from dpray.stages.sample.shards import draw_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -122,7 +123,7 @@ def run_outputs(run_dir: Path) -> dict:
     row_of = {sid: i for i, sid in enumerate(ids)}
     filtered_rows = [row_of[s] for s in filtered.column("sample_id").to_pylist()]
     truncated = {}
-    for draw in sorted((run_dir / "sample" / "draws").glob("draw-*.parquet")):
+    for draw in draw_files(run_dir):
         t = pq.read_table(draw, columns=["sample_id", "truncated"]).to_pydict()
         truncated.update(zip(t["sample_id"], t["truncated"], strict=True))
     report = json.loads((run_dir / "sample" / "report.json").read_text())
@@ -476,7 +477,7 @@ def run_outputs_unfiltered(run_dir: Path) -> dict:
         t = pq.read_table(p, columns=["sample_id", "text"]).to_pydict()
         text_of.update(zip(t["sample_id"], t["text"], strict=True))
     truncated = {}
-    for draw in sorted((run_dir / "sample" / "draws").glob("draw-*.parquet")):
+    for draw in draw_files(run_dir):
         t = pq.read_table(draw, columns=["sample_id", "truncated"]).to_pydict()
         truncated.update(zip(t["sample_id"], t["truncated"], strict=True))
     report = json.loads((run_dir / "sample" / "report.json").read_text())

@@ -37,8 +37,8 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "embed": ("private/ingest/instructions.parquet", "sample/part-*.parquet"),
     "filter": ("ledger.json", "embed/synthetic.npy", "private/embed/real.npy"),
     "annotate": ("filter/filtered.parquet",),
-    "sft": ("annotate/pairs.parquet",),
-    "reward": ("annotate/preferences.parquet",),
+    "sft": ("annotate/pairs/train.parquet",),
+    "reward": ("annotate/preferences/train.parquet",),
     "ppo": ("sft/model",),
     "evaluate": (),
 }

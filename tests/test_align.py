@@ -97,14 +97,18 @@ def test_sft_skips_empty_and_unfinished_responses(tmp_path):
 
     path = tmp_path / "pairs.parquet"
     rows = {
-        "instruction": ["a", "b", "c"],
-        "response": ["done.", "cut mid", "  "],
+        "prompt": ["a", "b", "c"],
+        "completion": ["done.", "cut mid", "  "],
         "teacher": ["t"] * 3,
         "truncated": [False, True, False],
     }
     pq.write_table(pa.table(rows), path)
-    assert [r["instruction"] for r in load_pairs(path)] == ["a", "b"]
-    assert [r["instruction"] for r in load_pairs(path, drop_truncated=True)] == ["a"]
+    assert [r["prompt"] for r in load_pairs(path)] == ["a", "b"]
+    assert [r["prompt"] for r in load_pairs(path, drop_truncated=True)] == ["a"]
+    # an older dpray's pairs (instruction, response) are read as prompt/completion
+    legacy = tmp_path / "legacy.parquet"
+    pq.write_table(pa.table({"instruction": ["a"], "response": ["done."]}), legacy)
+    assert load_pairs(legacy) == [{"prompt": "a", "completion": "done."}]
 
 
 def test_section_defaults_differ_per_trainer(tmp_path):
@@ -226,7 +230,7 @@ PROMPTS = [f"Write something about topic {i}." for i in range(8)]
 def _write_inputs(run_dir: RunDir) -> None:
     """Learnable SFT pairs, preferences (long answer over 'no') and prompts."""
     pairs = [
-        {"instruction": f"Give me fact number {i} about cats.", "response": f"Cats nap {i} times."}
+        {"prompt": f"Give me fact number {i} about cats.", "completion": f"Cats nap {i} times."}
         for i in range(32)
     ]
     prefs = [
@@ -238,8 +242,9 @@ def _write_inputs(run_dir: RunDir) -> None:
         for i in range(32)
     ]
     annotate = run_dir.public("annotate")
-    pq.write_table(pa.Table.from_pylist(pairs), annotate / "pairs.parquet")
-    pq.write_table(pa.Table.from_pylist(prefs), annotate / "preferences.parquet")
+    for name, rows in (("pairs", pairs), ("preferences", prefs)):
+        (annotate / name).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), annotate / name / "train.parquet")
     pq.write_table(pa.table({"text": PROMPTS}), run_dir.public("filter") / "filtered.parquet")
 
 
@@ -296,7 +301,8 @@ def test_sft_reward_ppo_evaluate_on_ray(ray_local, tmp_path):
     from dpray.stages.align.judges import RewardJudge
 
     judge = RewardJudge(str(reward_model_path(run_dir)))
-    prefs = pq.read_table(run_dir.root / "annotate" / "preferences.parquet").to_pylist()
+    prefs = pq.read_table(run_dir.root / "annotate" / "preferences" / "train.parquet")
+    prefs = prefs.to_pylist()
     wins = judge.compare(
         [p["prompt"] for p in prefs], [p["chosen"] for p in prefs], [p["rejected"] for p in prefs]
     )
@@ -337,7 +343,8 @@ def test_annotate_on_ray_actors_matches_in_process(ray_local, tmp_path):
             pa.table({"text": PROMPTS * 2}), run_dir.public("filter") / "filtered.parquet"
         )
         annotate.run(config, run_dir)
-        results[actors] = pq.read_table(run_dir.root / "annotate" / "pairs.parquet").to_pylist()
+        pairs = run_dir.root / "annotate" / "pairs" / "train.parquet"
+        results[actors] = pq.read_table(pairs).to_pylist()
     assert len(results[2]) == len(PROMPTS) * 2  # one response per instruction
     assert results[2] == results[0]  # chunk seeds do not depend on the actor count
 

@@ -113,16 +113,16 @@ def test_annotate_with_endpoint_teacher_and_rule_judge(tmp_path, server, monkeyp
     FakeOpenAI.fail_first = 1  # one 503: retried
     result = annotate.run(config, run_dir)
 
-    pairs = pq.read_table(run_dir.root / "annotate" / "pairs.parquet").to_pylist()
-    assert [p["instruction"] for p in pairs] == INSTRUCTIONS  # one response each, in order
-    assert [p["response"] for p in pairs] == [f"Echo: {t}" for t in INSTRUCTIONS]
+    pairs = pq.read_table(run_dir.root / "annotate" / "pairs" / "train.parquet").to_pylist()
+    assert [p["prompt"] for p in pairs] == INSTRUCTIONS  # one response each, in order
+    assert [p["completion"] for p in pairs] == [f"Echo: {t}" for t in INSTRUCTIONS]
     assert {p["teacher"] for p in pairs} == {server + "/v1"}
     assert len(FakeOpenAI.seen) == len(INSTRUCTIONS) + 1
     assert all(s["path"] == "/v1/chat/completions" for s in FakeOpenAI.seen)
     assert all(s["auth"] == "Bearer sk-test-0123456789" for s in FakeOpenAI.seen)
 
     assert result.summary["skipped_too_long"] == 0
-    prefs = pq.read_table(run_dir.root / "annotate" / "preferences.parquet").to_pylist()
+    prefs = pq.read_table(run_dir.root / "annotate" / "preferences" / "train.parquet").to_pylist()
     dropped = result.summary["preference_dropped"]
     assert len(prefs) + sum(dropped.values()) == len(INSTRUCTIONS)
     assert len(prefs) >= 1
@@ -162,10 +162,10 @@ def test_annotate_local_teacher_ranked_by_reward_model(tmp_path):
     run_dir = _write_filtered(config)
     result = annotate.run(config, run_dir)
 
-    pairs = pq.read_table(run_dir.root / "annotate" / "pairs.parquet").to_pylist()
+    pairs = pq.read_table(run_dir.root / "annotate" / "pairs" / "train.parquet").to_pylist()
     assert len(pairs) == len(INSTRUCTIONS)
     assert result.summary["responses"] == len(INSTRUCTIONS)
-    prefs = pq.read_table(run_dir.root / "annotate" / "preferences.parquet").to_pylist()
+    prefs = pq.read_table(run_dir.root / "annotate" / "preferences" / "train.parquet").to_pylist()
     assert prefs, "a random tiny teacher's two samples should differ"
     judge = RewardJudge(str(judge_dir))
     prompts = [p["prompt"] for p in prefs]

@@ -324,7 +324,7 @@ def test_dp_finetune_samples_from_exactly_the_training_prompt(tmp_path, tok, ray
     assert meta["stop_ids"] == expected.stop_ids and meta["prompt_texts"] == expected.prompt_texts
     assert meta["topics"] == [] and meta["adapter_sha256"]
     assert (run / "generator" / "adapter" / "adapter_config.json").exists()
-    plan = json.loads((run / "sample" / "draws" / "plan.json").read_text())
+    plan = json.loads((run / "sample_draws" / "plan.json").read_text())
     assert plan["prompt_ids"] == expected.prompts[0]
     assert plan["prompts"] == prompts_digest(expected.prompts)
     assert plan["stop_ids"] == expected.stop_ids

@@ -24,6 +24,7 @@ from dpray.stages.sample.clean import Deduper, clean_text, dedup_key, normalise_
 from dpray.stages.sample.hf import left_pad, length_buckets
 from dpray.stages.sample.vllm_backend import max_lora_rank
 from tests.conftest import REPO, base_tree
+from tests.test_output_schemas import assert_one_schema_per_folder
 
 VLLM_PYTHON = Path(os.environ.get("DPRAY_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 
@@ -202,7 +203,7 @@ def outputs(run_dir: RunDir) -> list[dict]:
 
 
 def draw_shards(run_dir: RunDir) -> list[Path]:
-    return sorted((run_dir.root / "sample" / "draws").glob("draw-*.parquet"))
+    return sorted((run_dir.root / "sample_draws").glob("draw-*.parquet"))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -233,6 +234,7 @@ def test_count_reached_columns_and_report(reference):
     assert report["generated"] >= 40 and report["samples_per_s"] > 0
     assert report["shards"]["generated"] == len(draw_shards(run_dir)) == 3  # ceil(48 / 16)
     assert not list(run_dir.private_root.rglob("*.parquet"))  # nothing written to private/
+    assert_one_schema_per_folder(run_dir.root)  # the draw shards are not under sample/
 
 
 def test_duplicates_removed_and_topped_up(tmp_path, generator, ray_session):
@@ -259,16 +261,19 @@ def test_resume_makes_only_the_missing_shards(tmp_path, generator, reference):
     from dpray.stages.sample import sample
 
     config, run_dir = make_run(tmp_path, generator, num_samples=40)
-    shutil.copytree(reference[0].root / "sample" / "draws", run_dir.root / "sample" / "draws")
-    shards = draw_shards(run_dir)
+    # where an older dpray kept the shards (sample/draws/): moved to sample_draws/ and reused
+    legacy = run_dir.root / "sample" / "draws"
+    shutil.copytree(reference[0].root / "sample_draws", legacy)
+    shards = sorted(legacy.glob("draw-*.parquet"))
     shards[0].unlink()
     shards[2].unlink()
-    (shards[0].parent / ".draw-000000.parquet.x.tmp").write_text("half a file")  # killed writer
+    (legacy / ".draw-000000.parquet.x.tmp").write_text("half a file")  # killed writer
     sample(config, run_dir)
     report = read_json(run_dir.root / "sample" / "report.json")
     assert report["shards"] == {"size": 16, "planned": 3, "reused": 1, "generated": 2}
     assert outputs(run_dir) == reference[1]  # same seed, same texts
-    assert not list(shards[0].parent.glob(".*.tmp"))
+    assert not legacy.exists() and len(draw_shards(run_dir)) == 3
+    assert not list((run_dir.root / "sample_draws").glob(".*.tmp"))
 
 
 def test_killed_actor_is_replaced_and_another_seed_gives_other_texts(

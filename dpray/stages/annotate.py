@@ -4,13 +4,19 @@ The synthetic instructions are DP outputs, so everything here is post-processing
 see them (a hosted model behind an OpenAI-compatible URL included), and nothing is spent from the
 privacy budget.  This stage never reads ``private/``.
 
-* ``annotate/pairs.parquet``: ``instruction, response, teacher, truncated`` -- one row per
-  instruction (the SFT data; instructions over ``max_instruction_chars`` are skipped and
-  counted).  ``teacher`` names the model or the endpoint's host, never a key.
-* ``annotate/preferences.parquet``: ``prompt, chosen, rejected`` for the reward model.  The
-  second response comes from the base student (``rejected_from: student``) or is a second teacher
-  sample; the judge is the teacher-beats-student rule, or a reward model's scores (pairs it cannot
-  separate, and pairs with an empty or identical response, are dropped and counted).
+* ``annotate/pairs/train.parquet``: ``prompt, completion, teacher, truncated`` -- one row per
+  instruction (the SFT data, in TRL's prompt/completion columns: the synthetic instruction and
+  the teacher's response, as plain strings; instructions over ``max_instruction_chars`` are
+  skipped and counted).  ``teacher`` names the model or the endpoint's host, never a key.
+* ``annotate/preferences/train.parquet``: ``prompt, chosen, rejected`` (TRL's preference columns)
+  for the reward model.  The second response comes from the base student
+  (``rejected_from: student``) or is a second teacher sample; the judge is the
+  teacher-beats-student rule, or a reward model's scores (pairs it cannot separate, and pairs with
+  an empty or identical response, are dropped and counted).
+
+Each table has a folder of its own, so every folder holds one schema and
+``datasets.load_dataset("parquet", data_dir=RUN_DIR / "annotate" / "pairs")`` is a dataset TRL's
+trainers take as it is.
 
 Generation goes through :mod:`dpray.stages.align.generate`: Ray Data actors with a local model
 (``annotate.num_actors``; 0 generates in this process), threads against an endpoint.
@@ -40,8 +46,21 @@ log = logging.getLogger(__name__)
 STAGE_NAME = "annotate"
 
 
+PAIRS_FILE = ("pairs", "train.parquet")  # read by sft (align/sft.py names the same path)
+PREFERENCES_FILE = ("preferences", "train.parquet")  # read by reward (align/reward.py)
+LEGACY_FILES = ("pairs.parquet", "preferences.parquet")  # dpray 0.1: both in annotate/
+
+
 def instructions_path(run_dir: RunDir) -> Path:
     return run_dir.root / "filter" / "filtered.parquet"
+
+
+def write_table(table: pa.Table, folder: Path, name: tuple[str, str]) -> Path:
+    """Write ``table`` as ``folder/<name>``: its own subfolder, so one schema per folder."""
+    path = folder.joinpath(*name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
 
 
 def load_instructions(path: Path, limit: int | None = None) -> list[str]:
@@ -126,19 +145,21 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     if not instructions:
         raise ValueError(f"{STAGE_NAME}: no filtered instructions to annotate")
     public = run_dir.public(STAGE_NAME)
+    for legacy in LEGACY_FILES:  # an older dpray's tables, side by side in one folder
+        (public / legacy).unlink(missing_ok=True)
     seed = derive_seed(config.seed, STAGE_NAME, ac.seed)
     log.info("%s: %d instructions, teacher %s", STAGE_NAME, len(instructions), describe(ac.teacher))
     teacher = generate(ac, ac.teacher, instructions, derive_seed(seed, "teacher"))
     responses = [c.text for c in teacher]
     pairs = pa.table(
         {
-            "instruction": pa.array(instructions, pa.string()),
-            "response": pa.array(responses, pa.string()),
+            "prompt": pa.array(instructions, pa.string()),
+            "completion": pa.array(responses, pa.string()),
             "teacher": pa.array([describe(ac.teacher)] * len(instructions), pa.string()),
             "truncated": pa.array([c.truncated for c in teacher], pa.bool_()),
         }
     )
-    pq.write_table(pairs, public / "pairs.parquet")
+    pairs_file = write_table(pairs, public, PAIRS_FILE)
     summary = {
         "instructions": len(instructions),
         "skipped_too_long": too_long,
@@ -146,7 +167,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         "empty_responses": sum(1 for r in responses if not r.strip()),
         "truncated_responses": sum(1 for c in teacher if c.truncated),
     }
-    outputs = {"pairs": str(public / "pairs.parquet")}
+    outputs = {"pairs": str(pairs_file)}
     if ac.preferences:
         other_spec = ac.student if ac.rejected_from == "student" else ac.teacher
         other = generate(ac, other_spec, instructions, derive_seed(seed, "second"))
@@ -154,8 +175,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         table = pa.Table.from_pylist(
             rows, schema=pa.schema([(k, pa.string()) for k in ("prompt", "chosen", "rejected")])
         )
-        pq.write_table(table, public / "preferences.parquet")
-        outputs["preferences"] = str(public / "preferences.parquet")
+        outputs["preferences"] = str(write_table(table, public, PREFERENCES_FILE))
         summary.update({"preference_pairs": len(rows), "preference_dropped": dropped})
     write_json(public / "report.json", {**summary, "teacher": describe(ac.teacher)})
     outputs["report"] = str(public / "report.json")
@@ -176,7 +196,8 @@ STAGE = register(
         run=run,
         help="Teacher responses and preference pairs for the filtered synthetic instructions.",
         reads="filter/filtered.parquet",
-        writes="annotate/pairs.parquet, annotate/preferences.parquet, annotate/report.json",
+        writes="annotate/pairs/train.parquet (prompt, completion, teacher, truncated), "
+        "annotate/preferences/train.parquet (prompt, chosen, rejected), annotate/report.json",
         sections=("annotate", "seed"),
         inputs=_inputs,
         needs_ray=True,

@@ -6,10 +6,10 @@ SFT.  With LoRA the adapter and the trained score head are merged into a full mo
 because PPO's value model is initialised from the reward model and needs plain weights.  With
 ``reward.pretrained`` an existing reward model is used as is and nothing is trained.
 
-Reads ``annotate/preferences.parquet``.  Writes ``reward/model`` (a full sequence-classification
-model), ``reward/reward.json`` (where the reward model lives: what ``ppo`` and ``evaluate``
-read) and ``reward/metrics.json`` (loss before and after; pairwise accuracy on training pairs
-after).
+Reads ``annotate/preferences/train.parquet``.  Writes ``reward/model`` (a full
+sequence-classification model), ``reward/reward.json`` (where the reward model lives: what
+``ppo`` and ``evaluate`` read) and ``reward/metrics.json`` (loss before and after; pairwise
+accuracy on training pairs after).
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ POINTER_FILE = "reward.json"
 
 
 def preferences_path(run_dir: RunDir) -> Path:
-    return run_dir.root / "annotate" / "preferences.parquet"
+    """``annotate/preferences/train.parquet``; a run of an older dpray (its annotate stage done
+    and skipped) has ``annotate/preferences.parquet``."""
+    path = run_dir.root / "annotate" / "preferences" / "train.parquet"
+    legacy = run_dir.root / "annotate" / "preferences.parquet"
+    return legacy if legacy.is_file() and not path.is_file() else path
 
 
 def reward_model_path(run_dir: RunDir, override: str | None = None) -> Path:
@@ -181,7 +185,7 @@ STAGE = register(
         name=STAGE_NAME,
         run=run,
         help="Train the reward model on preference pairs (TRL RewardTrainer on Ray Train).",
-        reads="annotate/preferences.parquet (or reward.pretrained)",
+        reads="annotate/preferences/train.parquet (or reward.pretrained)",
         writes="reward/model (sequence classification), reward/reward.json, reward/metrics.json",
         sections=("reward", "seed"),
         inputs=_inputs,

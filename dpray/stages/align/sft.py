@@ -6,7 +6,9 @@ the synthetic instruction is context, not something the student should learn to 
 (peft) by default, or all weights.  Runs on Ray Train workers (:mod:`dpray.stages.align.common`);
 DDP, or DeepSpeed ZeRO with ``sft.deepspeed``.
 
-Reads ``annotate/pairs.parquet`` (public: DP instructions, teacher responses).  Writes
+Reads ``annotate/pairs/train.parquet`` (public: DP instructions, teacher responses, in TRL's
+``prompt``/``completion`` columns as plain strings; the trainer wraps them as one user and one
+assistant message, so the chat template applies).  Writes
 ``sft/model`` (a peft adapter plus tokenizer and ``dpray_model.json``, or a full model) and
 ``sft/metrics.json``: the mean loss on the first ``eval_examples`` training examples before and
 after training, and the logged training losses.
@@ -39,20 +41,28 @@ log = logging.getLogger(__name__)
 STAGE_NAME = "sft"
 
 
+LEGACY_COLUMNS = {"instruction": "prompt", "response": "completion"}  # dpray 0.1's pairs.parquet
+
+
 def pairs_path(run_dir: RunDir) -> Path:
-    return run_dir.root / "annotate" / "pairs.parquet"
+    """``annotate/pairs/train.parquet`` (written by :mod:`dpray.stages.annotate`); a run of an
+    older dpray, whose annotate stage is done and skipped, has ``annotate/pairs.parquet``."""
+    path = run_dir.root / "annotate" / "pairs" / "train.parquet"
+    legacy = run_dir.root / "annotate" / "pairs.parquet"
+    return legacy if legacy.is_file() and not path.is_file() else path
 
 
 def load_pairs(path: Path, drop_truncated: bool = False) -> list[dict]:
-    """Instruction/response rows with a non-empty (and, optionally, finished) response."""
+    """``prompt``/``completion`` rows with a non-empty (and, optionally, finished) completion."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dpray annotate` first")
     table = pq.read_table(path)
-    rows = table.select(["instruction", "response"]).to_pylist()
+    table = table.rename_columns([LEGACY_COLUMNS.get(n, n) for n in table.column_names])
+    rows = table.select(["prompt", "completion"]).to_pylist()
     cut = table.column("truncated").to_pylist() if "truncated" in table.column_names else None
     keep = []
     for i, row in enumerate(rows):
-        if not (row["response"] and row["response"].strip()):
+        if not (row["completion"] and row["completion"].strip()):
             continue  # an empty response teaches nothing
         if drop_truncated and cut is not None and cut[i]:
             continue
@@ -68,7 +78,7 @@ def build_plan(config: DprayConfig, run_dir: RunDir, rows: list[dict] | None = N
         rows = load_pairs(pairs_path(run_dir), config.sft.drop_truncated)
     if not rows:
         raise ValueError(
-            f"{STAGE_NAME}: no instruction/response pairs to train on (all empty, or truncated: "
+            f"{STAGE_NAME}: no prompt/completion pairs to train on (all empty, or truncated: "
             "raise annotate.max_new_tokens or leave sft.drop_truncated off)"
         )
     plan = base_plan(STAGE_NAME, config.sft, config.seed)
@@ -77,13 +87,15 @@ def build_plan(config: DprayConfig, run_dir: RunDir, rows: list[dict] | None = N
 
 
 def to_dataset(rows: list[dict]):
+    """TRL's conversational prompt/completion form of the pairs, so the student's chat template
+    formats each example (the stored pairs are TRL's standard form: plain strings)."""
     from datasets import Dataset
 
     return Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": row["instruction"]}],
-                "completion": [{"role": "assistant", "content": row["response"]}],
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"]}],
             }
             for row in rows
         ]
@@ -166,7 +178,7 @@ STAGE = register(
         name=STAGE_NAME,
         run=run,
         help="Supervised fine-tuning on the teacher's responses (TRL SFTTrainer on Ray Train).",
-        reads="annotate/pairs.parquet",
+        reads="annotate/pairs/train.parquet (prompt, completion)",
         writes="sft/model (peft adapter or full model), sft/metrics.json",
         sections=("sft", "seed"),
         inputs=_inputs,

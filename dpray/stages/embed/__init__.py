@@ -9,9 +9,9 @@ STAGE = register(
         run=run,
         help="Embed the real (private) and synthetic (public) instructions on Ray Data.",
         reads="sample/*.parquet, private/ingest/instructions.parquet, private/ingest/heldout.parquet",
-        writes="embed/synthetic.{npy,parquet}, embed/report.json, embed/cache/ (public); "
+        writes="embed/synthetic.{npy,parquet}, embed/report.json, embed_cache/ (public); "
         "private/embed/real.{npy,parquet}, private/embed/heldout.{npy,parquet}, "
-        "private/embed/cache/",
+        "private/embed_cache/",
         sections=("embed",),
         inputs=inputs,
         needs_ray=True,

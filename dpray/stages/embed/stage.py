@@ -11,12 +11,14 @@ Reads the synthetic candidates ``RUN_DIR/sample/*.parquet`` (text, sample_id) an
 * ``embed/report.json`` (synthetic counts and speed only) and ``private/embed/report.json``.
 
 Every missing vector of all three sets is computed in one Ray Data pass (one actor pool start),
-then stored in the content-hash cache of its zone, so a rerun embeds only new texts.
+then stored in the content-hash cache of its zone (``embed_cache/``, ``private/embed_cache/``), so
+a rerun embeds only new texts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -57,9 +59,24 @@ def read_real(run_dir: RunDir, name: str) -> pa.Table | None:
     return pq.read_table(path, columns=["id", "text", "user_id"])
 
 
+CACHE_DIR = "embed_cache"
+
+
+def cache_root(run_dir: RunDir, side: str) -> Path:
+    """The content-hash cache of a zone: ``embed_cache/`` (synthetic texts) or
+    ``private/embed_cache/`` (real ones).  A folder of its own, not under ``embed/``, so
+    ``embed/`` holds Parquet files of one schema; an older run's ``embed/cache/`` is moved."""
+    zone = run_dir.root if side == "synthetic" else run_dir.private_root
+    legacy = zone / "embed" / "cache"
+    if legacy.is_dir() and not (zone / CACHE_DIR).exists():
+        os.replace(legacy, zone / CACHE_DIR)
+    if side == "synthetic":
+        return run_dir.public(CACHE_DIR)
+    return run_dir.private(CACHE_DIR)
+
+
 def _cache(run_dir: RunDir, side: str, key: str) -> EmbeddingCache:
-    zone = run_dir.public("embed") if side == "synthetic" else run_dir.private("embed")
-    return EmbeddingCache(zone / "cache" / key)
+    return EmbeddingCache(cache_root(run_dir, side) / key)
 
 
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:

@@ -6,10 +6,12 @@ same file whenever and wherever it is produced.  That one property gives resumab
 shards on disk, make only the missing ones), fault tolerance (a shard lost with its actor is just
 made again) and determinism (the final set is a function of the shards, read in order).
 
-Draw shards live in ``RUN_DIR/sample/draws/`` next to ``plan.json``, the settings that shaped
+Draw shards live in ``RUN_DIR/sample_draws/`` next to ``plan.json``, the settings that shaped
 them; when those change the old shards are discarded.  The de-duplicated, exactly-N result is
-written as ``RUN_DIR/sample/part-NNNNN.parquet``.  Every file is written atomically (temp file +
-rename), so an interrupted run leaves only whole shards.
+written as ``RUN_DIR/sample/part-NNNNN.parquet``.  The two are kept in separate folders so each
+folder holds Parquet files of one schema (``datasets.load_dataset("parquet", data_dir=...)`` reads
+``sample/`` as one table).  Every file is written atomically (temp file + rename), so an
+interrupted run leaves only whole shards.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpray.rundir import read_json, write_json
+from dpray.rundir import RunDir, read_json, write_json
 from dpray.stages.sample.backends import derive_seed
 
 log = logging.getLogger(__name__)
 
-DRAWS_DIR = "draws"
+DRAWS_DIR = "sample_draws"  # a public folder of its own: DP outputs of the generator
+LEGACY_DRAWS_DIR = ("sample", "draws")  # where dpray 0.1 kept them, mixed into sample/
 PLAN_FILE = "plan.json"
 PART_GLOB = "part-*.parquet"
+DRAW_GLOB = "draw-*.parquet"
 
 DRAW_SCHEMA = pa.schema(
     [
@@ -66,6 +70,28 @@ def shard_task(root_seed: int, shard: int, shard_size: int) -> dict:
     }
 
 
+def draws_folder(run_dir: RunDir) -> Path:
+    """``RUN_DIR/sample_draws/``; a run dir of an older dpray has its shards moved there from
+    ``sample/draws/`` (same files, so a resumed run reuses them and ``sample/`` holds one
+    schema again)."""
+    folder = run_dir.root / DRAWS_DIR
+    legacy = run_dir.root.joinpath(*LEGACY_DRAWS_DIR)
+    if legacy.is_dir() and not folder.exists():
+        os.replace(legacy, folder)
+        log.info("sample: moved the draw shards of an older run to %s/", DRAWS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def draw_files(run_root: Path) -> list[Path]:
+    """The draw shards of a finished run, in shard order (readers outside the stage: benchmarks,
+    which also read run dirs an older dpray wrote)."""
+    for folder in (run_root / DRAWS_DIR, run_root.joinpath(*LEGACY_DRAWS_DIR)):
+        if folder.is_dir():
+            return sorted(folder.glob(DRAW_GLOB))
+    return []
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> Path:
     """Parquet write to a temp file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +107,7 @@ def write_table_atomic(table: pa.Table, path: Path) -> Path:
 
 
 class DrawStore:
-    """The draw shards of one sampling plan in ``RUN_DIR/sample/draws/``."""
+    """The draw shards of one sampling plan in ``RUN_DIR/sample_draws/``."""
 
     def __init__(self, folder: Path, plan: dict) -> None:
         self.folder = folder
@@ -93,7 +119,7 @@ class DrawStore:
         plan_path = self.folder / PLAN_FILE
         previous = read_json(plan_path) if plan_path.exists() else None
         if previous != self.plan:
-            stale = sorted(self.folder.glob("draw-*.parquet"))
+            stale = sorted(self.folder.glob(DRAW_GLOB))
             if stale:
                 log.info("sample: sampling settings changed; discarding %d draw shards", len(stale))
             for path in stale:

@@ -46,7 +46,7 @@ from dpray.stages.sample.backends import (
     prompts_digest,
 )
 from dpray.stages.sample.clean import DROP_TRUNCATED, Deduper, clean_column
-from dpray.stages.sample.shards import DRAWS_DIR, DrawStore, shard_task, write_parts
+from dpray.stages.sample.shards import DrawStore, draws_folder, shard_task, write_parts
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "sample"
@@ -357,7 +357,7 @@ def sample(
     backend = choose_backend(sc.backend)
     resources = plan_resources(config, backend)  # fails at once if no node fits an actor
     out_dir = run_dir.public(STAGE_NAME)
-    store = DrawStore(out_dir / DRAWS_DIR, draw_plan(config, spec, backend, resources.device))
+    store = DrawStore(draws_folder(run_dir), draw_plan(config, spec, backend, resources.device))
     log.info(
         "%s: %d unique samples, backend %s on %s, %d actor(s) x %d thread(s)",
         STAGE_NAME,
@@ -491,7 +491,7 @@ STAGE = register(
         help="Sample N unique synthetic instructions from the DP generator (hf or vLLM, Ray Data).",
         reads="generator/generator.json, generator/adapter (public DP outputs only)",
         writes="sample/part-*.parquet (text, sample_id, seed, backend, generator), "
-        "sample/report.json (counts, duplicate rate, samples/s), sample/draws/ (resumable shards)",
+        "sample/report.json (counts, duplicate rate, samples/s), sample_draws/ (resumable shards)",
         sections=("sample", "seed"),
         inputs=_generator_files,
         needs_ray=True,

@@ -158,9 +158,10 @@ def private_votes_input(config: DprayConfig, run_dir: RunDir) -> tuple[np.ndarra
         )
     else:
         labels = np.arange(len(table))
-    vectors = _embed_cached(
-        table.column("text").to_pylist(), run_dir.private("embed") / "cache", config
-    )
+    from dpray.stages.embed.stage import cache_root as embed_cache_root
+
+    texts = table.column("text").to_pylist()
+    vectors = _embed_cached(texts, embed_cache_root(run_dir, "real"), config)
     return labels.astype(np.int64), vectors
 
 
@@ -384,6 +385,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     public = run_dir.public("generator")
     (public / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
     multiplier, run_id, released = _budget_plan(config, run_dir, rounds)
+    from dpray.stages.embed.stage import cache_root as embed_cache_root
     from dpray.stages.filter.histogram import SENSITIVITY
 
     sigma = multiplier * SENSITIVITY
@@ -412,7 +414,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
                 f"private_evolution: round {r}: {len(candidates)} usable candidates; raise "
                 "sample.max_new_tokens or lower sample.min_chars"
             )
-        vectors = _embed_cached(candidates, run_dir.public("embed") / "cache", config)
+        vectors = _embed_cached(candidates, embed_cache_root(run_dir, "synthetic"), config)
         ledger = Ledger.load(run_dir.ledger_path)
         noisy, kept, reused = vote_round(
             round_index=r,
