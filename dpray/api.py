@@ -8,7 +8,8 @@
 
 The same calls as the CLI (same run directory layout, markers, ledger and leak scan), minus the
 argument parsing and the exit codes: failures are raised as exceptions (``ConfigError`` naming the
-key, ``LeakError``, ``BudgetExceededError`` ...), never printed.  dpray's log records go to the
+key, :class:`dpray.errors.DprayError` subclasses for what the commands check before Ray starts,
+``LeakError``, ``BudgetExceededError`` ...), never printed.  dpray's log records go to the
 cell's stderr (the stream current when each record is emitted, which is what a notebook swaps in
 per cell) and to ``RUN_DIR/private/logs/dpray.log``.  Heavy modules (Ray, torch, TRL) are
 imported by the stages that need them, not by ``import dpray`` or by this module.
@@ -66,7 +67,7 @@ def run(
     """
     from dpray.pipeline import run_pipeline
 
-    config, run_dir = _prepare(config, log_level)
+    config, run_dir = _prepare(config, log_level, stages)
     return run_pipeline(config, run_dir, stages=stages, force=force, spend_again=spend_again)
 
 
@@ -86,23 +87,29 @@ def run_stage(
 
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; known: {sorted(STAGES)}")
-    config, run_dir = _prepare(config, log_level)
+    config, run_dir = _prepare(config, log_level, [name])
     return run_one(STAGES[name], config, run_dir, force=force, spend_again=spend_again)
 
 
-def _prepare(config: DprayConfig | str | Path, log_level: int | str):
-    """The config and its run directory, with dpray's logging set up for this run."""
+def _prepare(config: DprayConfig | str | Path, log_level: int | str, stages: list[str] | None):
+    """The config and its run directory, with dpray's logging set up for this run, after the
+    checks the commands make before Ray starts (:mod:`dpray.preflight`: the run directory,
+    models, earlier stages' outputs, GPUs, the Ray address), raised as one-line errors."""
     from dpray.cli import _configure_logging, _log_to_file
+    from dpray.preflight import check_run_dir, preflight, stages_to_run
     from dpray.rundir import RunDir
 
     if not isinstance(config, DprayConfig):
         config = load_config(config)
-    run_dir = RunDir(config.run_dir)
     level = logging.getLevelName(log_level.upper()) if isinstance(log_level, str) else log_level
     if not isinstance(level, int):
         raise ConfigError(f"log_level: unknown level {log_level!r}")
+    for problem in check_run_dir(config.run_dir):  # before RunDir creates folders in it
+        raise problem
+    run_dir = RunDir(config.run_dir)
     _configure_logging(level)  # one stderr handler on the "dpray" logger, however many calls
     _log_to_file(run_dir)  # and this run's private log file (the previous run's is closed)
+    preflight(config, stages_to_run(config, stages), run_dir.root)
     return config, run_dir
 
 

@@ -81,3 +81,7 @@ def test_load_config_sources_and_errors(tmp_path, dpray_logger):
     config = load_config(base_tree(tmp_path / "run", _data(tmp_path / "d.jsonl")))
     with pytest.raises(ConfigError, match="unknown stage 'ingset'"):
         run_stage("ingset", config)
+    from dpray.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="dpray filter"):  # checked before Ray starts
+        run_stage("annotate", config)
