@@ -44,16 +44,11 @@ def real_batch(tokenizer, batch: int, tokens: int) -> list[np.ndarray]:
 
 
 def build(model_path: str, seed: int = 0):
-    from dpray.stages.train_generator.worker import build_lora_model
+    from dpray.stages.train_generator.adapter import build_lora_model
+    from dpray.stages.train_generator.plan import LoraLayout
 
-    plan = {
-        "init_seed": seed,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    }
-    model, _ = build_lora_model(model_path, plan)
+    layout = LoraLayout(seed, 8, 16, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    model, _ = build_lora_model(model_path, layout)
     model.train()
     return model
 

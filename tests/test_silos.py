@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ from dpray.privacy.secure_agg import aggregator as agg
 from dpray.privacy.secure_agg.csprng import SecureRandom
 from dpray.privacy.secure_agg.quantize import stochastic_round
 from dpray.privacy.secure_agg.skellam import MAX_LAMBDA, skellam_noise
+from dpray.resources import WorkerShape
 from dpray.rundir import RunDir
 from dpray.stages import ingest
 from tests.conftest import base_tree
@@ -163,14 +165,14 @@ def test_min_honest_workers_defaults_to_w_minus_1(workers, expected):
 def test_stage_records_w_minus_1_in_the_ledger_event():
     from dpray.stages.train_generator.stage import secure_fields_for
 
-    plan = {
-        "noise": "secure",
-        "num_workers": 3,
-        "noise_multiplier": 1.0,
-        "clip_norm": 0.5,
-        "secure_bits": 40,
-        "min_honest_workers": None,
-    }
+    plan = SimpleNamespace(
+        noise="secure",
+        num_workers=3,
+        noise_multiplier=1.0,
+        clip_norm=0.5,
+        secure_bits=40,
+        min_honest_workers=None,
+    )
     assert secure_fields_for(plan, dim=1000, num_units=500)["min_honest_workers"] == 2
 
 
@@ -265,9 +267,11 @@ def test_pinned_worker_reads_the_partition_its_node_is_labelled_with(monkeypatch
             return {"dpray-silo": "b"}
 
     monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
-    plan = {"partition_count": 2, "partition_labels": [{"dpray-silo": "a"}, {"dpray-silo": "b"}]}
+    labels = ({"dpray-silo": "a"}, {"dpray-silo": "b"})
+    plan = SimpleNamespace(partition_count=2, partition_labels=labels)
     assert my_partitions(plan, rank=0, world=1) == [1]  # by its node, not by its rank
-    assert my_partitions({"partition_count": 2}, rank=0, world=1) == [0, 1]
+    unpinned = SimpleNamespace(partition_count=2, partition_labels=None)
+    assert my_partitions(unpinned, rank=0, world=1) == [0, 1]
 
 
 def test_partition_labels_become_ray_train_label_selectors(tmp_path, monkeypatch):
@@ -285,16 +289,15 @@ def test_partition_labels_become_ray_train_label_selectors(tmp_path, monkeypatch
             raise RuntimeError("not training in this test")
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
-    monkeypatch.setattr(stage, "_cpus_per_worker", lambda workers: 1)
     tree = base_tree(tmp_path / "run", tmp_path / "x.jsonl")
     labels = [{"dpray-silo": "a"}, {"dpray-silo": "b"}]
     tree["train"] = {"num_workers": 2, "partition_labels": labels}
     config = config_from_tree(tree)
-    plan = {"run_id": "r", "partitions_dir": "/p", "partition_count": 2}
+    plan = SimpleNamespace(run_id="r", partitions_dir="/p", partition_count=2, private_dir="/x")
     with pytest.raises(RuntimeError, match="not training"):
-        stage._fit(plan, config.train, tmp_path)
+        stage._launch(plan, config.train, WorkerShape(2, 1))
     assert seen["scaling"].label_selector == labels
-    assert "data_ref" not in seen["plan"]
+    assert seen["plan"] == {"plan": plan}  # the typed plan only: no data reference
     with pytest.raises(ConfigError, match="one partition per worker"):
         bad = dict(tree, train={"num_workers": 3, "partition_labels": labels})
         config_from_tree(bad)

@@ -8,10 +8,14 @@ sampling stage starts from, and what it spent.
 
 dp_finetune reads nothing private on the driver: each Ray Train worker reads its own partition of
 ``private/ingest/partitions/`` (the driver learns only n, released by ingest, and the number of
-partitions; see :mod:`dpray.io.partitions`); it writes the PEFT adapter to
-``RUN_DIR/generator/adapter`` (DP output: public), ``generator/generator.json`` (how to sample
-from it), ``generator/metrics.jsonl`` (step, epsilon, step time), private metrics (loss, batch
-sizes: not DP) and Ray Train checkpoints under ``private/train/``, and the spend to the ledger.
+partitions; see :mod:`dpray.io.partitions`).  Nor does it load model weights: it plans from the
+model's config and tokenizer (:mod:`.plan`), and rank 0 saves and checks the PEFT adapter
+(:mod:`.adapter`).  The stage writes ``RUN_DIR/generator/adapter`` (DP output: public),
+``generator/generator.json`` (how to sample from it), ``generator/metrics.jsonl`` (step,
+epsilon), private metrics (loss, batch sizes, step time: not DP) and Ray Train checkpoints under
+``private/train/``, and the spend to the ledger.  Workers get CPUs/GPUs fitted to the alive
+nodes' shapes (:func:`dpray.resources.fit_workers`): a cluster that cannot hold them fails at
+once.
 
 Calibration: σ is the smallest noise multiplier for which the ledger's composition of everything
 already spent plus this run (planned steps + headroom for steps that restarts may repeat) stays
@@ -33,11 +37,10 @@ import logging
 import math
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 
 from dpray.config import ConfigError, DprayConfig
 from dpray.io import partitions as parts
@@ -50,17 +53,14 @@ from dpray.privacy.releases import (
     release_key,
     spend_again,
 )
+from dpray.resources import WorkerShape, fit_workers
 from dpray.rundir import RunDir, file_digest, read_json, write_json
 from dpray.stages.base import Stage, StageResult, register
+from dpray.stages.train_generator.adapter import CHECK_FILE, read_check, resave_on_ray
 from dpray.stages.train_generator.formats import PromptFormat, build_format, resolve_format
 from dpray.stages.train_generator.noise import resolve_scheme
-from dpray.stages.train_generator.worker import (
-    STATE_FILE,
-    WEIGHTS_FILE,
-    build_lora_model,
-    event_for,
-    train_loop_per_worker,
-)
+from dpray.stages.train_generator.plan import LoraLayout, TrainPlan, trainable_parameter_count
+from dpray.stages.train_generator.worker import STATE_FILE, event_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "train-generator"
@@ -87,21 +87,20 @@ def load_units(run_dir: RunDir, unit: str) -> Units:
     return Units([[i] for i in range(len(texts))], texts)
 
 
-def secure_fields_for(plan: dict, dim: int, num_units: int) -> dict | None:
+def secure_fields_for(plan, dim: int, num_units: int) -> dict | None:
     """The Skellam event fields the workers will use (same formula, computed here first)."""
-    if plan["noise"] != "secure":
+    if plan.noise != "secure":
         return None
     from dpray.privacy.secure_agg.aggregator import SecureAggConfig
 
-    world = plan["num_workers"]
     cfg = SecureAggConfig.create(
         dim=dim,
-        num_workers=world,
-        noise_multiplier=plan["noise_multiplier"],
-        clip_norm=plan["clip_norm"],
-        max_norm=plan["clip_norm"] * max(1, num_units),  # as the workers: n bounds any one
-        bits=plan["secure_bits"],
-        min_honest_workers=plan["min_honest_workers"],
+        num_workers=plan.num_workers,
+        noise_multiplier=plan.noise_multiplier,
+        clip_norm=plan.clip_norm,
+        max_norm=plan.clip_norm * max(1, num_units),  # as the workers: n bounds any one
+        bits=plan.secure_bits,
+        min_honest_workers=plan.min_honest_workers,
     )
     return {
         "scale": float(cfg.scale),
@@ -111,14 +110,13 @@ def secure_fields_for(plan: dict, dim: int, num_units: int) -> dict | None:
     }
 
 
-def calibrate(plan: dict, ledger: Ledger, share: float, dim: int, num_units: int) -> float:
+def calibrate(plan: TrainPlan, ledger: Ledger, share: float, dim: int, num_units: int) -> float:
     """Smallest σ keeping everything spent plus this run within ``share`` of the target."""
     target = share * ledger.target_epsilon
-    planned = plan["planned_steps"]
 
     def make_event(sigma: float):
-        trial = {**plan, "noise_multiplier": sigma}
-        return event_for(trial, planned, secure_fields_for(trial, dim, num_units))
+        trial = replace(plan, noise_multiplier=sigma)
+        return event_for(trial, plan.planned_steps, secure_fields_for(trial, dim, num_units))
 
     try:
         return solve_noise_multiplier(make_event, target, ledger.target_delta, ledger.events)
@@ -126,11 +124,9 @@ def calibrate(plan: dict, ledger: Ledger, share: float, dim: int, num_units: int
         raise BudgetExceededError(f"{STAGE_NAME}: {exc}") from None
 
 
-def _cpus_per_worker(num_workers: int) -> int:
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus // num_workers)
+def worker_shape(tc) -> WorkerShape:
+    """Each training worker's CPUs/GPUs, from the alive nodes' shapes (fails at once if none fit)."""
+    return fit_workers(STAGE_NAME, tc.num_workers, gpus=1 if tc.use_gpu else 0)
 
 
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
@@ -180,29 +176,42 @@ def format_metadata(fmt: PromptFormat, strategy: str) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A planned run: what the workers get, plus what only the driver needs to record it."""
+
+    plan: TrainPlan
+    shape: WorkerShape
+    fmt: PromptFormat
+    dim: int
+    key: str
+    public: Path
+    ledger_required: bool
+
+
 def train_generator(
     config: DprayConfig,
     run_dir: RunDir,
     ledger_required: bool = True,
     out_dir: Path | None = None,
 ) -> StageResult:
-    """The stage body.  ``ledger_required=False`` is for audits' non-DP control runs only."""
-    from transformers import AutoTokenizer
+    """The stage body: plan, launch, record.  ``ledger_required=False`` is for audits' non-DP
+    control runs only.  The driver loads no model weights (see :mod:`.adapter`)."""
+    planned = plan_run(config, run_dir, ledger_required, out_dir)
+    if isinstance(planned, StageResult):  # a finished run of this key: reused, nothing to train
+        return planned
+    checkpoint_dir = _launch(planned.plan, config.train, planned.shape)
+    return _record(planned, config, run_dir, checkpoint_dir)
 
-    from dpray.models import resolve_causal_lm
 
+def plan_run(
+    config: DprayConfig, run_dir: RunDir, ledger_required: bool, out_dir: Path | None
+) -> Planned | StageResult:
+    """Everything decided before any worker starts: shape, counts, σ (checked on the ledger)."""
     tc = config.train
     partitions_dir = run_dir.private("ingest") / parts.DIRNAME
     manifest = _partition_manifest(config, partitions_dir)
-    n = int(manifest["units"])  # released by ingest (report.json); no record is read here
-    q = min(1.0, tc.expected_batch_size / n)
-    steps = tc.steps or max(1, math.ceil(tc.epochs / q))
-    scheme = resolve_scheme(tc.noise, tc.num_workers)
-    model_path = resolve_causal_lm(tc.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    fmt = prompt_format(config, tokenizer, "dp_finetune")
-    prompt = fmt.prompts[0]
-
+    shape = worker_shape(tc)  # before anything is written: a cluster that cannot fit fails now
     private = run_dir.private("train")
     public = run_dir.public("generator") if out_dir is None else Path(out_dir)
     public.mkdir(parents=True, exist_ok=True)
@@ -211,144 +220,170 @@ def train_generator(
         key = release_key(config, KEY_SECTIONS, _ingest_output(config, run_dir), run_dir)
         record = _own_record(private, key, run_dir.ledger_path)
         if record is not None and record["state"] == "complete":
-            return _reuse_finished(record, config, private, public)
-    resuming = record is not None  # an interrupted run of this key: same run id, same sigma
-    run_id = record["run_id"] if resuming else secrets.token_hex(8)
-    plan = {
-        "run_id": run_id,
-        "model_path": str(model_path),
-        "init_seed": config.seed,
-        "session": secrets.token_hex(16),
-        "lora_r": tc.lora_r,
-        "lora_alpha": tc.lora_alpha,
-        "lora_dropout": tc.lora_dropout,
-        "lora_targets": list(tc.lora_targets),
-        "learning_rate": tc.learning_rate,
-        "weight_decay": tc.weight_decay,
-        "clip_norm": tc.clip_norm,
-        "sampling_rate": q,
-        "expected_batch_size": q * n,
-        "steps": steps,
-        "planned_steps": steps + tc.max_failures * tc.checkpoint_every,
-        "micro_batch_size": tc.micro_batch_size,
-        "grad_sample_mode": tc.grad_sample_mode,
-        "noise": scheme,
-        "num_workers": tc.num_workers,
-        "min_honest_workers": tc.min_honest_workers,
-        "secure_bits": tc.secure_bits,
-        "checkpoint_every": tc.checkpoint_every,
-        "prompt_len": len(prompt),
-        "pad_id": int(tokenizer.pad_token_id or tokenizer.eos_token_id),
-        # where each worker finds its own partition: a folder and a count, never a record
-        "partitions_dir": str(partitions_dir),
-        "partition_count": int(manifest["count"]),
-        "partition_labels": tc.partition_labels,
-        "unit": config.privacy.unit,
-        "num_units": n,
-        "max_tokens": tc.max_tokens,
-        "prompt_ids": [int(t) for t in prompt],
-        "stop_id": int(fmt.stop_ids[0]),
-        "private_dir": str(private),
-        "public_metrics": str(public / "metrics.jsonl"),
-        "private_metrics": str(private / "metrics.jsonl"),
-        "fail_at_step": tc.fail_at_step,
-        "ledger_path": str(run_dir.ledger_path) if ledger_required else None,
-    }
-    model, lora_config = build_lora_model(str(model_path), plan)
-    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    if resuming:
-        ledger = Ledger.load(run_dir.ledger_path)
-        plan["noise_multiplier"] = float(record["noise_multiplier"])
-        previous = ledger.run_event(STAGE_NAME, run_id)
-        done = previous.steps if previous is not None else 0
-        resume_at = _latest_checkpoint_step(private / "ray_results" / f"train-{run_id}")
-        # what this run may still add: the steps after its last checkpoint plus restart headroom
-        plan["planned_steps"] = done + (steps - resume_at) + tc.max_failures * tc.checkpoint_every
-        planned = event_for(plan, plan["planned_steps"], secure_fields_for(plan, dim, n))
-        ledger.check(planned, replace_run=True)
-        log.info(
-            "%s: resuming interrupted run %s from its checkpoint at step %d (%d steps already "
-            "on the ledger, counted once in the same event)",
-            STAGE_NAME,
-            run_id,
-            resume_at,
-            done,
-        )
-    elif ledger_required:
-        log_new_release(STAGE_NAME, previous=(private / RUN_RECORD).exists())
-        ledger = Ledger.load(run_dir.ledger_path)
-        if tc.noise_multiplier is None:
-            plan["noise_multiplier"] = calibrate(plan, ledger, config.privacy.train_share, dim, n)
-        else:
-            plan["noise_multiplier"] = tc.noise_multiplier
-        planned = event_for(plan, plan["planned_steps"], secure_fields_for(plan, dim, n))
-        ledger.check(planned)  # the whole run, restarts' headroom included, must fit
-    else:
-        plan["noise_multiplier"] = tc.noise_multiplier or 0.0
-
-    if not resuming:  # a resumed run appends to its own metrics; its fault hook fired already
-        for path in (public / "metrics.jsonl", private / "metrics.jsonl"):
+            return _reuse_finished(record, config, private, public, shape)
+    plan, fmt = _base_plan(config, run_dir, manifest, shape, record, public, ledger_required)
+    dim = trainable_parameter_count(plan.model_path, plan.lora)  # from the config: no weights
+    plan = replace(plan, **_noise(plan, config, run_dir, record, dim, ledger_required))
+    if record is None:  # a resumed run appends to its own metrics; its fault hook fired already
+        for path in (Path(plan.public_metrics), Path(plan.private_metrics)):
             path.unlink(missing_ok=True)
         (private / "injected_fault.done").unlink(missing_ok=True)
+    (private / CHECK_FILE).unlink(missing_ok=True)
     if ledger_required:
         write_json(
             private / RUN_RECORD,
             {
                 "key": key,
-                "run_id": run_id,
+                "run_id": plan.run_id,
                 "state": "training",
                 "strategy": "dp_finetune",
-                "noise_multiplier": plan["noise_multiplier"],
-                "steps": steps,
+                "noise_multiplier": plan.noise_multiplier,
+                "steps": plan.steps,
             },
         )
     log.info(
-        "%s: %d units, q=%.4g, %d steps, sigma=%.4g, C=%g, %s noise, %d worker(s)",
+        "%s: %d units, q=%.4g, %d steps, sigma=%.4g, C=%g, %s noise, %d worker(s) x %d CPU(s)%s",
         STAGE_NAME,
-        n,
-        q,
-        steps,
-        plan["noise_multiplier"],
-        tc.clip_norm,
-        scheme,
-        tc.num_workers,
+        plan.num_units,
+        plan.sampling_rate,
+        plan.steps,
+        plan.noise_multiplier,
+        plan.clip_norm,
+        plan.noise,
+        shape.workers,
+        shape.cpus,
+        f" + {shape.gpus:g} GPU(s)" if shape.gpus else "",
     )
-    checkpoint_dir = _fit(plan, tc, private)
+    return Planned(plan, shape, fmt, dim, key, public, ledger_required)
 
-    adapter_dir = public / "adapter"
-    _save_adapter(model, checkpoint_dir, adapter_dir)
-    changed = _verify_adapter(str(model_path), adapter_dir, model)
+
+def _base_plan(config, run_dir, manifest, shape, record, public, ledger_required):
+    """The run's :class:`TrainPlan` (σ still 0) and its prompt format (tokenizer only)."""
+    from transformers import AutoTokenizer
+
+    from dpray.models import resolve_causal_lm
+
+    tc = config.train
+    n = int(manifest["units"])  # released by ingest (report.json); no record is read here
+    q = min(1.0, tc.expected_batch_size / n)
+    steps = tc.steps or max(1, math.ceil(tc.epochs / q))
+    model_path = resolve_causal_lm(tc.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    fmt = prompt_format(config, tokenizer, "dp_finetune")
+    prompt = [int(t) for t in fmt.prompts[0]]
+    private = run_dir.private("train")
+    labels = tc.partition_labels
+    plan = TrainPlan(
+        run_id=record["run_id"] if record is not None else secrets.token_hex(8),
+        session=secrets.token_hex(16),
+        model_path=str(model_path),
+        lora=LoraLayout.from_config(config),
+        learning_rate=tc.learning_rate,
+        weight_decay=tc.weight_decay,
+        clip_norm=tc.clip_norm,
+        noise_multiplier=0.0,
+        sampling_rate=q,
+        expected_batch_size=q * n,
+        steps=steps,
+        planned_steps=steps + tc.max_failures * tc.checkpoint_every,
+        micro_batch_size=tc.micro_batch_size,
+        grad_sample_mode=tc.grad_sample_mode,
+        noise=resolve_scheme(tc.noise, tc.num_workers),
+        num_workers=tc.num_workers,
+        min_honest_workers=tc.min_honest_workers,
+        secure_bits=tc.secure_bits,
+        checkpoint_every=tc.checkpoint_every,
+        threads_per_worker=shape.cpus,
+        partitions_dir=str(run_dir.private("ingest") / parts.DIRNAME),
+        partition_count=int(manifest["count"]),
+        partition_labels=None if labels is None else tuple(dict(x) for x in labels),
+        unit=config.privacy.unit,
+        num_units=n,
+        max_tokens=tc.max_tokens,
+        prompt_ids=tuple(prompt),
+        prompt_len=len(prompt),
+        pad_id=int(tokenizer.pad_token_id or tokenizer.eos_token_id),
+        stop_id=int(fmt.stop_ids[0]),
+        private_dir=str(private),
+        public_metrics=str(public / "metrics.jsonl"),
+        private_metrics=str(private / "metrics.jsonl"),
+        adapter_dir=str(public / "adapter"),
+        ledger_path=str(run_dir.ledger_path) if ledger_required else None,
+        fail_at_step=tc.fail_at_step,
+    )
+    return plan, fmt
+
+
+def _noise(plan: TrainPlan, config, run_dir, record, dim: int, ledger_required: bool) -> dict:
+    """σ (and, when resuming, the steps still to bound), checked against the ledger."""
+    tc = config.train
+    n = plan.num_units
+    if record is not None:  # an interrupted run of this key: same run id, same σ
+        ledger = Ledger.load(run_dir.ledger_path)
+        previous = ledger.run_event(STAGE_NAME, plan.run_id)
+        done = previous.steps if previous is not None else 0
+        storage = Path(plan.private_dir) / "ray_results" / f"train-{plan.run_id}"
+        resume_at = _latest_checkpoint_step(storage)
+        # what this run may still add: the steps after its last checkpoint plus restart headroom
+        bound = done + (plan.steps - resume_at) + tc.max_failures * tc.checkpoint_every
+        sigma = float(record["noise_multiplier"])
+        trial = replace(plan, noise_multiplier=sigma, planned_steps=bound)
+        ledger.check(event_for(trial, bound, secure_fields_for(trial, dim, n)), replace_run=True)
+        log.info(
+            "%s: resuming interrupted run %s from its checkpoint at step %d (%d steps already "
+            "on the ledger, counted once in the same event)",
+            STAGE_NAME,
+            plan.run_id,
+            resume_at,
+            done,
+        )
+        return {"noise_multiplier": sigma, "planned_steps": bound}
+    if not ledger_required:
+        return {"noise_multiplier": tc.noise_multiplier or 0.0}
+    log_new_release(STAGE_NAME, previous=(Path(plan.private_dir) / RUN_RECORD).exists())
+    ledger = Ledger.load(run_dir.ledger_path)
+    if tc.noise_multiplier is None:
+        sigma = calibrate(plan, ledger, config.privacy.train_share, dim, n)
+    else:
+        sigma = tc.noise_multiplier
+    trial = replace(plan, noise_multiplier=sigma)
+    # the whole run, restarts' headroom included, must fit
+    ledger.check(event_for(trial, plan.planned_steps, secure_fields_for(trial, dim, n)))
+    return {"noise_multiplier": sigma}
+
+
+def _record(planned: Planned, config: DprayConfig, run_dir: RunDir, checkpoint_dir: Path):
+    """After training: the summary, ``generator.json``, the ledger's exact figure, run.json."""
+    plan, public = planned.plan, planned.public
+    private, adapter_dir = Path(plan.private_dir), Path(plan.adapter_dir)
+    changed = read_check(private, plan.run_id)  # rank 0 saved and verified the adapter
     summary = {
-        "units": n,
-        "sampling_rate": q,
-        "steps": steps,
-        "noise_multiplier": plan["noise_multiplier"],
-        "clip_norm": tc.clip_norm,
-        "noise": scheme,
-        "num_workers": tc.num_workers,
-        "trainable_parameters": dim,
+        "units": plan.num_units,
+        "sampling_rate": plan.sampling_rate,
+        "steps": plan.steps,
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": plan.clip_norm,
+        "noise": plan.noise,
+        "num_workers": plan.num_workers,
+        "trainable_parameters": planned.dim,
         "lora_tensors_changed": changed,
     }
-    if ledger_required:
+    if planned.ledger_required:
         ledger = Ledger.load(run_dir.ledger_path)
-        executed = ledger.run_event(STAGE_NAME, run_id)
+        executed = ledger.run_event(STAGE_NAME, plan.run_id)
         final = ledger.record_progress(executed, exact=True)  # exact (PLD) figure at the end
         summary.update({"executed_steps": executed.steps, "epsilon_total": final})
+    lora = plan.lora
     meta = {
-        "base_model": tc.model,
-        **format_metadata(fmt, "dp_finetune"),
-        "max_tokens": tc.max_tokens,
-        "lora": {
-            "r": lora_config.r,
-            "alpha": lora_config.lora_alpha,
-            "targets": sorted(lora_config.target_modules),
-        },
+        "base_model": config.train.model,
+        **format_metadata(planned.fmt, "dp_finetune"),
+        "max_tokens": plan.max_tokens,
+        "lora": {"r": lora.r, "alpha": lora.alpha, "targets": sorted(set(lora.targets))},
         "adapter_sha256": _dir_hash(adapter_dir),
         **summary,
     }
     write_json(public / "generator.json", meta)
-    if ledger_required:
+    if planned.ledger_required:
         write_json(
             private / RUN_RECORD,
             {
@@ -385,9 +420,11 @@ def _own_record(private: Path, key: str, ledger_path: Path) -> dict | None:
     return record
 
 
-def _reuse_finished(record: dict, config: DprayConfig, private: Path, public: Path) -> StageResult:
+def _reuse_finished(
+    record: dict, config: DprayConfig, private: Path, public: Path, shape: WorkerShape
+) -> StageResult:
     """A finished run of this key: its adapter is the DP release; keep it (re-save it from the
-    final checkpoint if the folder is gone or changed) and spend nothing."""
+    final checkpoint, in a Ray task, if the folder is gone or changed) and spend nothing."""
     adapter_dir, final = public / "adapter", private / "final_checkpoint"
     if not adapter_dir.exists() or file_digest(adapter_dir) != record["adapter_sha256"]:
         if not final.exists() or file_digest(final) != record["checkpoint_sha256"]:
@@ -398,18 +435,10 @@ def _reuse_finished(record: dict, config: DprayConfig, private: Path, public: Pa
             )
         from dpray.models import resolve_causal_lm
 
-        tc = config.train  # the key pins it: the same LoRA layout as the finished run
-        model_path = resolve_causal_lm(tc.model)
-        layout = {
-            "init_seed": config.seed,
-            "lora_r": tc.lora_r,
-            "lora_alpha": tc.lora_alpha,
-            "lora_dropout": tc.lora_dropout,
-            "lora_targets": list(tc.lora_targets),
-        }
-        model, _ = build_lora_model(str(model_path), layout)
-        _save_adapter(model, final, adapter_dir)
-        _verify_adapter(str(model_path), adapter_dir, model)
+        # the key pins the config: the same LoRA layout as the finished run
+        model_path = str(resolve_causal_lm(config.train.model))
+        layout = LoraLayout.from_config(config)
+        resave_on_ray(model_path, layout, final, adapter_dir, shape.cpus)
         log_reuse(STAGE_NAME, f"run {record['run_id']}, adapter re-saved from its final checkpoint")
     else:
         log_reuse(STAGE_NAME, f"run {record['run_id']}, its adapter")
@@ -464,7 +493,7 @@ def _partition_manifest(config: DprayConfig, directory: Path) -> dict:
     return manifest
 
 
-def _fit(plan: dict, tc, private: Path) -> Path:
+def _launch(plan: TrainPlan, tc, shape: WorkerShape) -> Path:
     """Run the TorchTrainer; return the final checkpoint's directory.
 
     ``plan`` carries no private record and no object reference to one: each worker reads its own
@@ -474,26 +503,23 @@ def _fit(plan: dict, tc, private: Path) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    plan = dict(plan)
-    cpus = _cpus_per_worker(tc.num_workers)
     pinning = {}
     if tc.partition_labels is not None:
         pinning["label_selector"] = [dict(labels) for labels in tc.partition_labels]
-    plan["threads_per_worker"] = cpus
-    storage = private / "ray_results"
+    private = Path(plan.private_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=plan,
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        train_loop_config={"plan": plan},
+        torch_config=TorchConfig(backend="nccl" if shape.gpus else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": cpus},
+            num_workers=shape.workers,
+            use_gpu=bool(shape.gpus),
+            resources_per_worker={"CPU": shape.cpus, **({"GPU": shape.gpus} if shape.gpus else {})},
             **pinning,
         ),
         run_config=RunConfig(
-            name=f"train-{plan['run_id']}",
-            storage_path=str(storage),
+            name=f"train-{plan.run_id}",
+            storage_path=str(private / "ray_results"),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -505,41 +531,6 @@ def _fit(plan: dict, tc, private: Path) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     result.checkpoint.to_directory(str(final))
     return final
-
-
-def _save_adapter(model, checkpoint_dir: Path, adapter_dir: Path) -> None:
-    state = torch.load(checkpoint_dir / WEIGHTS_FILE)
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            named[name].copy_(value)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    model.save_pretrained(str(adapter_dir))
-
-
-def _verify_adapter(model_path: str, adapter_dir: Path, trained) -> int:
-    """Reload the adapter; check weights round-trip and moved away from init; return #changed.
-
-    (Opacus has silently corrupted LoRA weights with some peft versions: check, don't trust.)
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
-    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
-    trained_state = {n: p for n, p in trained.named_parameters() if "lora_" in n}
-    reloaded_state = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
-    if set(trained_state) != set(reloaded_state):
-        raise RuntimeError(f"{STAGE_NAME}: adapter reload has different LoRA tensors")
-    changed = 0
-    for name, value in trained_state.items():
-        if not torch.allclose(value, reloaded_state[name]):
-            raise RuntimeError(f"{STAGE_NAME}: adapter tensor {name} did not round-trip")
-        if "lora_B" in name and bool(value.abs().sum() > 0):
-            changed += 1  # LoRA B starts at zero: non-zero means training moved it
-    if changed == 0:
-        raise RuntimeError(f"{STAGE_NAME}: no LoRA weight changed during training")
-    return changed
 
 
 def _dir_hash(path: Path) -> str:

@@ -10,7 +10,9 @@ same noisy sum, so the replicas stay identical without DDP.  What a worker loade
 ``private/train/received/rank-<r>.json`` (its partitions, unit and record counts, a digest of the
 record ids) so that a test can check that no worker held another partition's records.  Rank 0 records every executed step in the ledger right after the noisy
 sum is revealed (so a step lost to a crash still counts), writes metrics, and checkpoints every
-``checkpoint_every`` steps through ``ray.train.report``.
+``checkpoint_every`` steps through ``ray.train.report``; at the end it saves the PEFT adapter and
+checks it by reloading it (:mod:`~dpray.stages.train_generator.adapter`): the driver loads no
+weights.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dpray.io import partitions as parts
 from dpray.privacy.ledger import Ledger
 from dpray.privacy.mechanisms.gaussian import subsampled_gaussian_event
 from dpray.privacy.mechanisms.skellam import subsampled_skellam_event
+from dpray.stages.train_generator.adapter import CHECK_FILE, build_lora_model, save_and_verify
 from dpray.stages.train_generator.data import (
     PoissonSampler,
     batch_digest,
@@ -43,6 +46,7 @@ from dpray.stages.train_generator.dp_sgd import (
     wrap_for_per_sample_grads,
 )
 from dpray.stages.train_generator.noise import make_aggregator, secure_event_fields
+from dpray.stages.train_generator.plan import TrainPlan
 
 log = logging.getLogger("dpray.train")
 
@@ -55,62 +59,42 @@ class InjectedFault(RuntimeError):
     """Raised once by the fault-injection test hook (train.fail_at_step)."""
 
 
-def build_lora_model(model_path: str, plan: dict):
-    """Base model + fresh LoRA adapter, initialised from ``plan['init_seed']`` (same on all ranks)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(plan["init_seed"])
-    base = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, local_files_only=True
-    )
-    lora = LoraConfig(
-        r=plan["lora_r"],
-        lora_alpha=plan["lora_alpha"],
-        lora_dropout=plan["lora_dropout"],
-        target_modules=plan["lora_targets"],
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, lora), lora
-
-
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def event_for(plan: dict, steps: int, secure_fields: dict | None):
+def event_for(plan: TrainPlan, steps: int, secure_fields: dict | None):
     """The ledger event of ``steps`` executed steps: the central or the secure mechanism's."""
     common = {
-        "noise_multiplier": plan["noise_multiplier"],
-        "sampling_rate": plan["sampling_rate"],
+        "noise_multiplier": plan.noise_multiplier,
+        "sampling_rate": plan.sampling_rate,
         "steps": steps,
-        "run_id": plan["run_id"],
+        "run_id": plan.run_id,
     }
     if secure_fields is None:
         return subsampled_gaussian_event("train-generator", **common)
     return subsampled_skellam_event(
-        "train-generator", clip_norm=plan["clip_norm"], **common, **secure_fields
+        "train-generator", clip_norm=plan.clip_norm, **common, **secure_fields
     )
 
 
-def train_loop_per_worker(plan: dict) -> None:
-    """Entry point for ``TorchTrainer``; ``plan`` is built by the stage driver."""
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for ``TorchTrainer``: ``config["plan"]`` is the driver's :class:`TrainPlan`."""
+    plan: TrainPlan = config["plan"]
     import ray
     import ray.train
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(plan["threads_per_worker"])
+    torch.set_num_threads(plan.threads_per_worker)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     units = _load_own_partitions(plan, rank, world)
     shard = np.arange(len(units))
-    model, _ = build_lora_model(plan["model_path"], plan)
+    model, _ = build_lora_model(plan.model_path, plan.lora)
     model.train()
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        params, lr=plan["learning_rate"], weight_decay=plan["weight_decay"]
-    )
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -126,35 +110,35 @@ def train_loop_per_worker(plan: dict) -> None:
         log.info("rank %d: resumed from checkpoint at step %d", rank, start)
 
     # fresh secret randomness for this attempt: a step redone after a restart samples anew
-    sampler = PoissonSampler(shard, plan["sampling_rate"], rank)
-    gsm = wrap_for_per_sample_grads(model, plan["grad_sample_mode"])
+    sampler = PoissonSampler(shard, plan.sampling_rate, rank)
+    gsm = wrap_for_per_sample_grads(model, plan.grad_sample_mode)
     # partitions may be uneven: bound a worker's units by n (public), the same on every worker
-    max_units = int(plan["num_units"])
+    max_units = int(plan.num_units)
     aggregator = make_aggregator(
-        plan["noise"],
+        plan.noise,
         dim=sum(p.numel() for p in params),
-        noise_multiplier=plan["noise_multiplier"],
-        clip_norm=plan["clip_norm"],
+        noise_multiplier=plan.noise_multiplier,
+        clip_norm=plan.clip_norm,
         max_units_per_worker=max_units,
-        bits=plan["secure_bits"],
-        min_honest_workers=plan["min_honest_workers"],
-        session=bytes.fromhex(plan["session"]),
+        bits=plan.secure_bits,
+        min_honest_workers=plan.min_honest_workers,
+        session=bytes.fromhex(plan.session),
     )
-    secure_fields = secure_event_fields(aggregator) if plan["noise"] == "secure" else None
+    secure_fields = secure_event_fields(aggregator) if plan.noise == "secure" else None
 
     ledger = executed = None
-    if rank == 0 and plan["ledger_path"]:
-        ledger = Ledger.load(plan["ledger_path"])
-        previous = ledger.run_event("train-generator", plan["run_id"])
+    if rank == 0 and plan.ledger_path:
+        ledger = Ledger.load(plan.ledger_path)
+        previous = ledger.run_event("train-generator", plan.run_id)
         executed = previous.steps if previous is not None else 0
-    total_steps = plan["steps"]
+    total_steps = plan.steps
     log_every = max(1, total_steps // 20)
     aggregator.prefetch(start)
     for step in range(start, total_steps):
         tick = time.perf_counter()
         _maybe_fail(plan, step, rank, world)
         sampled = sampler(step)
-        groups = pack_micro_batches([len(units[u]) for u in sampled], plan["micro_batch_size"])
+        groups = pack_micro_batches([len(units[u]) for u in sampled], plan.micro_batch_size)
         batches = []
         for group in groups:
             seqs, owners = [], []
@@ -162,17 +146,17 @@ def train_loop_per_worker(plan: dict) -> None:
                 unit = int(sampled[local])
                 seqs.extend(units[unit])
                 owners.extend([unit] * len(units[unit]))
-            batches.append(collate(seqs, owners, plan["prompt_len"], plan["pad_id"]))
-        local = clipped_sum(gsm, params, batches, plan["clip_norm"])
+            batches.append(collate(seqs, owners, plan.prompt_len, plan.pad_id))
+        local = clipped_sum(gsm, params, batches, plan.clip_norm)
         noisy = aggregator(local.vector, step)
         epsilon = None
         if ledger is not None:
             executed += 1  # the noisy sum exists now: this step is spent
             epsilon = ledger.record_progress(
                 event_for(plan, executed, secure_fields),
-                bound=event_for(plan, max(executed, plan["planned_steps"]), secure_fields),
+                bound=event_for(plan, max(executed, plan.planned_steps), secure_fields),
             )
-        apply_update(optimizer, params, noisy, plan["expected_batch_size"])
+        apply_update(optimizer, params, noisy, plan.expected_batch_size)
         seconds = time.perf_counter() - tick
         metrics = {"step": step + 1, "step_seconds": seconds, "epsilon": epsilon}
         if rank == 0:
@@ -186,13 +170,22 @@ def train_loop_per_worker(plan: dict) -> None:
                     epsilon or 0.0,
                 )
         _report(metrics, model, optimizer, step + 1, plan, rank)
+    if rank == 0:  # the weights are here: save and check the adapter here, not on the driver
+        save_and_verify(
+            model,
+            trainable_state(model),
+            plan.model_path,
+            Path(plan.adapter_dir),
+            Path(plan.private_dir) / CHECK_FILE,
+            plan.run_id,
+        )
 
 
-def my_partitions(plan: dict, rank: int, world: int) -> list[int]:
+def my_partitions(plan: TrainPlan, rank: int, world: int) -> list[int]:
     """The partitions this worker reads: by its node's labels when pinned, else k ≡ rank mod W."""
-    selectors = plan.get("partition_labels")
+    selectors = plan.partition_labels
     if not selectors:
-        return parts.assigned_partitions(rank, world, plan["partition_count"])
+        return parts.assigned_partitions(rank, world, plan.partition_count)
     import ray
 
     mine = parts.partition_for_labels(ray.get_runtime_context().get_node_labels(), selectors)
@@ -206,32 +199,32 @@ def my_partitions(plan: dict, rank: int, world: int) -> list[int]:
     return [mine]
 
 
-def _load_own_partitions(plan: dict, rank: int, world: int) -> list[list[np.ndarray]]:
+def _load_own_partitions(plan: TrainPlan, rank: int, world: int) -> list[list[np.ndarray]]:
     """Read and tokenize this worker's partitions only; record what was loaded (privately)."""
     from transformers import AutoTokenizer
 
     partitions = my_partitions(plan, rank, world)
-    files = parts.partition_files(plan["partitions_dir"], partitions)
-    members, texts, ids = read_partition_units(files, plan["unit"])
+    files = parts.partition_files(plan.partitions_dir, partitions)
+    members, texts, ids = read_partition_units(files, plan.unit)
     biggest = max((len(m) for m in members), default=0)
-    if biggest > plan["micro_batch_size"]:
+    if biggest > plan.micro_batch_size:
         raise ValueError(
-            f"train.micro_batch_size ({plan['micro_batch_size']}) must be >= the records of one "
+            f"train.micro_batch_size ({plan.micro_batch_size}) must be >= the records of one "
             f"user ({biggest}); raise it or lower privacy.max_records_per_user"
         )
-    tokenizer = AutoTokenizer.from_pretrained(plan["model_path"], local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model_path, local_files_only=True)
     seqs = (
         tokenize_instructions(
             texts,
             tokenizer,
-            plan["max_tokens"],
-            prompt=plan["prompt_ids"],
-            stop_id=plan["stop_id"],
+            plan.max_tokens,
+            prompt=plan.prompt_ids,
+            stop_id=plan.stop_id,
         )
         if texts
         else []
     )
-    received = Path(plan["private_dir"]) / "received"
+    received = Path(plan.private_dir) / "received"
     received.mkdir(parents=True, exist_ok=True)
     (received / f"rank-{rank}.json").write_text(
         json.dumps(
@@ -253,25 +246,25 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _maybe_fail(plan: dict, step: int, rank: int, world: int) -> None:
+def _maybe_fail(plan: TrainPlan, step: int, rank: int, world: int) -> None:
     """Test hook: raise once at ``fail_at_step`` on the last rank (a marker makes it once)."""
-    if plan.get("fail_at_step") is None or step != plan["fail_at_step"] or rank != world - 1:
+    if plan.fail_at_step is None or step != plan.fail_at_step or rank != world - 1:
         return
-    marker = Path(plan["private_dir"]) / "injected_fault.done"
+    marker = Path(plan.private_dir) / "injected_fault.done"
     if marker.exists():
         return
     marker.write_text(str(step))
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
-def _write_metrics(plan: dict, metrics: dict, local, seconds: float, sampled) -> None:
+def _write_metrics(plan: TrainPlan, metrics: dict, local, seconds: float, sampled) -> None:
     """Public metrics (step, epsilon) and private ones (loss, tokens, batch, time: not DP).
 
     The step time goes to the private file only: it grows with the realised Poisson batch, whose
     size is a statistic of the private data that no DP mechanism released.
     """
     public = {"step": metrics["step"], "epsilon": metrics["epsilon"]}
-    with open(plan["public_metrics"], "a") as handle:
+    with open(plan.public_metrics, "a") as handle:
         handle.write(json.dumps(public) + "\n")
     private = {
         **metrics,
@@ -281,20 +274,20 @@ def _write_metrics(plan: dict, metrics: dict, local, seconds: float, sampled) ->
         "clipped_fraction_rank0": local.clipped_units / max(local.units, 1),
         "batch_digest_rank0": batch_digest(sampled),
     }
-    with open(plan["private_metrics"], "a") as handle:
+    with open(plan.private_metrics, "a") as handle:
         handle.write(json.dumps(private) + "\n")
 
 
-def _report(metrics: dict, model, optimizer, step: int, plan: dict, rank: int) -> None:
+def _report(metrics: dict, model, optimizer, step: int, plan: TrainPlan, rank: int) -> None:
     import tempfile
 
     import ray.train
 
-    is_checkpoint = step % plan["checkpoint_every"] == 0 or step == plan["steps"]
+    is_checkpoint = step % plan.checkpoint_every == 0 or step == plan.steps
     if not is_checkpoint or rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(dir=plan["private_dir"]) as tmp:
+    with tempfile.TemporaryDirectory(dir=plan.private_dir) as tmp:
         folder = Path(tmp)
         torch.save(trainable_state(model), folder / WEIGHTS_FILE)
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
