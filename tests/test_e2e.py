@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.test_output_schemas import assert_one_schema_per_folder
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         "private/filter/metrics.json",
     ):
         assert (run / path).exists(), path
+    # every public folder of Parquet files loads as one dataset (issue #15)
+    checked = assert_one_schema_per_folder(run, load_with_datasets=True)
+    assert {"sample", "sample_draws", "filter", "annotate/pairs"} <= set(checked)
     # a second run skips every completed stage
     again = subprocess.run(
         [
