@@ -9,6 +9,7 @@ are disjoint.  The ledger event must carry t = W - 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pyarrow.parquet as pq
@@ -56,13 +57,13 @@ def test_each_secure_worker_receives_only_its_partition(
     run_stage(STAGES["ingest"], config, run_dir)
 
     plans = []
-    real_fit = stage_module._fit
+    real_launch = stage_module._launch
 
     def spy(plan, *args, **kwargs):
-        plans.append(dict(plan))
-        return real_fit(plan, *args, **kwargs)
+        plans.append(dataclasses.asdict(plan))  # the typed TrainPlan every worker receives
+        return real_launch(plan, *args, **kwargs)
 
-    monkeypatch.setattr(stage_module, "_fit", spy)
+    monkeypatch.setattr(stage_module, "_launch", spy)
     result = run_stage(STAGES["train-generator"], config, run_dir)
     assert result.summary["noise"] == "secure" and result.summary["executed_steps"] == 2
 
