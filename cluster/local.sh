@@ -3,8 +3,14 @@
 # on Kubernetes (driver + `ray job submit`) without one.
 #
 #   cluster/local.sh up       start it (free ports, loopback only); prints the addresses
+#   cluster/local.sh up --workers N
+#                             multi-node: a head with 0 CPUs (it runs the driver and nothing else)
+#                             plus N worker nodes joined with `ray start --address`, node i with
+#                             DPRAY_LOCAL_WORKER_CPUS CPUs (default 1) and the resource node_i: 1
 #   cluster/local.sh env      print `export RAY_ADDRESS=...` lines: eval "$(cluster/local.sh env)"
 #   cluster/local.sh status   is it running, where, which process ids
+#   cluster/local.sh stop-node I
+#                             stop worker node I alone (a lost node, for fault-tolerance tests)
 #   cluster/local.sh down     stop exactly the processes `up` started, by process id
 #
 #   cluster/local.sh up && eval "$(cluster/local.sh env)"
@@ -17,7 +23,8 @@
 # DPRAY_LOCAL_RAY_DIR): Ray's --temp-dir (sessions, logs, sockets), the state file `local.state`
 # (addresses, session id, process ids) and the cluster's own auth token `auth_token` (Ray token
 # authentication is always on; `env` exports RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH for clients).
-# Ray's unix socket paths must fit in 107 bytes, so keep the directory short.
+# Ray's unix socket paths must fit in 107 bytes, so keep the directory short.  Worker node i keeps
+# its own --temp-dir, DIR/nI, and its own process session (so `stop-node` can stop it alone).
 #
 # Loopback: the node and every address we hand out are 127.0.0.1, and the dashboard (the HTTP job
 # API) binds 127.0.0.1 only.  Ray has no bind option for its gRPC servers (GCS, raylet, agents):
@@ -29,8 +36,9 @@
 # runs `ray stop`, which stops every Ray of this user on the machine, other people's included.
 #
 # Environment: PYTHON (interpreter that has ray; default python3), DPRAY_LOCAL_NUM_CPUS,
-# DPRAY_LOCAL_OBJECT_STORE_BYTES (default 1 GiB), DPRAY_LOCAL_DASHBOARD (auto|true|false; auto
-# starts the dashboard, which `ray job submit` needs, when ray[default]'s packages are installed).
+# DPRAY_LOCAL_OBJECT_STORE_BYTES (default 1 GiB, per node), DPRAY_LOCAL_DASHBOARD (auto|true|false;
+# auto starts the dashboard, which `ray job submit` needs, when ray[default]'s packages are
+# installed), DPRAY_LOCAL_WORKER_CPUS (CPUs of each worker node in multi-node mode, default 1).
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
@@ -38,6 +46,7 @@ DIR="${DPRAY_LOCAL_RAY_DIR:-$HOME/.cache/dpray/ray-local}"
 STATE="$DIR/local.state"
 TOKEN="$DIR/auth_token"
 MAX_DIR_LEN=40 # + /session_<date>_<time>_<pid>/sockets/plasma_store <= 107 bytes
+MAX_WORKERS=9  # worker temp dirs DIR/n1..DIR/n9: 3 bytes more, see cmd_up
 
 die() { echo "local.sh: $*" >&2; exit 1; }
 
@@ -64,7 +73,31 @@ dir_pids() {
 }
 
 our_pids() {
-  { [[ -n "${RAY_LOCAL_SID:-}" ]] && session_pids "$RAY_LOCAL_SID"; dir_pids; } | sort -un
+  {
+    [[ -n "${RAY_LOCAL_SID:-}" ]] && session_pids "$RAY_LOCAL_SID"
+    local sid
+    for sid in ${RAY_LOCAL_NODE_SIDS:-}; do [[ "$sid" == none ]] || session_pids "$sid"; done
+    dir_pids
+  } | sort -un
+}
+
+# pids of worker node $1: its session, and Ray processes naming its temp dir
+node_pids() {
+  local i="$1" sids
+  read -r -a sids <<<"${RAY_LOCAL_NODE_SIDS:-}"
+  {
+    if ((i >= 1 && i <= ${#sids[@]})) && [[ "${sids[i - 1]}" != none ]]; then
+      session_pids "${sids[i - 1]}"
+    fi
+    DIR="$DIR/n$i" dir_pids
+  } | sort -un
+}
+
+# the session id of the live process whose command line matches $1 and names directory $2
+sid_of() {
+  local pid
+  pid="$(ps -eo pid=,args= | D="$2" awk "$NAMES_DIR"' /'"$1"'/ && names_dir($0) {print $1; exit}')"
+  [[ -n "$pid" ]] && ps -o sid= -p "$pid" | tr -d ' '
 }
 
 alive() {
@@ -99,9 +132,57 @@ stop_pids() {
   kill -KILL "${left[@]}" 2>/dev/null || true
 }
 
+# Worker node $1 joins the head at $2: its own temp dir, free ports, session, and resource node_$1.
+# Appends its session id to RAY_LOCAL_NODE_SIDS.
+start_worker() {
+  local i="$1" address="$2" dir="$DIR/n$1"
+  local agent agent_grpc runtime_env metrics node_mgr obj_mgr
+  read -r agent agent_grpc runtime_env metrics node_mgr obj_mgr <<<"$(free_ports 6)"
+  mkdir -p "$dir"
+  local args=(
+    start --address="$address" --disable-usage-stats
+    --node-ip-address=127.0.0.1 --temp-dir="$dir"
+    --num-cpus="${DPRAY_LOCAL_WORKER_CPUS:-1}" --num-gpus=0 --resources="{\"node_$i\": 1}"
+    --dashboard-agent-listen-port="$agent"
+    --dashboard-agent-grpc-port="$agent_grpc" --runtime-env-agent-port="$runtime_env"
+    --metrics-export-port="$metrics" --node-manager-port="$node_mgr"
+    --object-manager-port="$obj_mgr"
+    --object-store-memory="${DPRAY_LOCAL_OBJECT_STORE_BYTES:-1073741824}"
+  )
+  setsid --wait "$PYTHON" -m ray.scripts.scripts "${args[@]}" >"$DIR/n$i.log" 2>&1 || return 1
+  local sid
+  sid="$(sid_of raylet "$dir")"
+  [[ -n "$sid" ]] || return 1
+  if [[ "$sid" == "$(ps -o sid= -p $$ | tr -d ' ')" ]]; then
+    echo "local.sh: worker node $i did not get a session of its own; it is stopped by temp dir" >&2
+    sid=none
+  fi
+  RAY_LOCAL_NODE_SIDS="$RAY_LOCAL_NODE_SIDS $sid"
+}
+
+# stop whatever a failed start of worker node $1 left running (it has no session recorded yet)
+clear_node() {
+  local pids
+  echo "local.sh: worker node $1 did not start; trying once more" >&2
+  mapfile -t pids < <(DIR="$DIR/n$1" dir_pids)
+  stop_pids "${pids[@]}"
+}
+
 cmd_up() {
-  [[ ${#DIR} -le $MAX_DIR_LEN ]] ||
-    die "state dir '$DIR' is longer than $MAX_DIR_LEN characters (Ray's socket paths would not fit); set DPRAY_LOCAL_RAY_DIR"
+  local workers=0
+  while (($#)); do
+    case "$1" in
+      --workers) workers="${2:-}"; shift; shift || true ;;
+      --workers=*) workers="${1#--workers=}"; shift ;;
+      *) die "up: unknown argument '$1' (usage: up [--workers N])" ;;
+    esac
+  done
+  [[ "$workers" =~ ^[0-9]+$ ]] && ((workers <= MAX_WORKERS)) ||
+    die "--workers must be a number from 0 to $MAX_WORKERS, not '$workers'"
+  local max_len=$MAX_DIR_LEN
+  ((workers)) && max_len=$((MAX_DIR_LEN - 3))
+  [[ ${#DIR} -le $max_len ]] ||
+    die "state dir '$DIR' is longer than $max_len characters (Ray's socket paths would not fit); set DPRAY_LOCAL_RAY_DIR"
   if load_state && alive; then
     echo "already running: $RAY_LOCAL_GCS (dashboard: ${RAY_LOCAL_DASHBOARD:-none})"
     return 0
@@ -139,7 +220,11 @@ cmd_up() {
     --object-manager-port="$obj_mgr"
     --object-store-memory="${DPRAY_LOCAL_OBJECT_STORE_BYTES:-1073741824}"
   )
-  [[ -n "${DPRAY_LOCAL_NUM_CPUS:-}" ]] && args+=(--num-cpus="$DPRAY_LOCAL_NUM_CPUS")
+  if ((workers)); then
+    args+=(--num-cpus=0 --num-gpus=0) # the head runs the driver (and job supervisor) only
+  elif [[ -n "${DPRAY_LOCAL_NUM_CPUS:-}" ]]; then
+    args+=(--num-cpus="$DPRAY_LOCAL_NUM_CPUS")
+  fi
   # the Ray client server (ray://) runs only with ray[client] (grpcio): Ray then defaults it to port
   # 10001, which another Ray may hold, and refuses the option without it
   local client_url=""
@@ -166,6 +251,7 @@ cmd_up() {
     sid=""
   fi
   RAY_LOCAL_SID="$sid"
+  RAY_LOCAL_NODE_SIDS=""
   if ((rc != 0)) || [[ -z "$gcs_pid" ]]; then
     echo "local.sh: ray start failed (rc=$rc); log: $DIR/start.log" >&2
     tail -n 20 "$DIR/start.log" >&2 || true
@@ -173,6 +259,18 @@ cmd_up() {
     stop_pids "${pids[@]}"
     exit 1
   fi
+  local i
+  for ((i = 1; i <= workers; i++)); do
+    # Ray gives a joining raylet 30 s to register with the GCS (not configurable); a busy machine
+    # can miss that, so a node that failed is cleared away and started once more
+    if ! start_worker "$i" "127.0.0.1:$gcs" && ! { clear_node "$i" && start_worker "$i" "127.0.0.1:$gcs"; }; then
+      echo "local.sh: worker node $i failed to start; log: $DIR/n$i.log" >&2
+      tail -n 20 "$DIR/n$i.log" >&2 || true
+      mapfile -t pids < <(our_pids)
+      stop_pids "${pids[@]}"
+      exit 1
+    fi
+  done
   local pids
   pids="$(our_pids | tr '\n' ' ')"
   local dash_url=""
@@ -185,8 +283,13 @@ RAY_LOCAL_CLIENT='$client_url'
 RAY_LOCAL_SID='$sid'
 RAY_LOCAL_GCS_PID='$gcs_pid'
 RAY_LOCAL_PIDS='${pids% }'
+RAY_LOCAL_WORKERS='$workers'
+RAY_LOCAL_NODE_SIDS='${RAY_LOCAL_NODE_SIDS# }'
 EOF
   echo "ray up: gcs 127.0.0.1:$gcs, dashboard ${dash_url:-off}, session $sid, pids ${pids% }"
+  if ((workers)); then
+    echo "worker nodes: $workers (sessions ${RAY_LOCAL_NODE_SIDS# }); the head has 0 CPUs"
+  fi
   echo "state: $STATE"
 }
 
@@ -208,10 +311,27 @@ cmd_status() {
   if alive; then
     echo "running: gcs $RAY_LOCAL_GCS, dashboard ${RAY_LOCAL_DASHBOARD:-off}, session $RAY_LOCAL_SID"
     echo "pids: ${pids% }"
+    local i node
+    for ((i = 1; i <= ${RAY_LOCAL_WORKERS:-0}; i++)); do
+      node="$(node_pids "$i" | tr '\n' ' ')"
+      if [[ -n "$node" ]]; then echo "worker node $i: running, pids ${node% }"; else echo "worker node $i: stopped"; fi
+    done
     return 0
   fi
   echo "not running (stale state $STATE); leftover pids: ${pids:-none}"
   return 3
+}
+
+cmd_stop_node() {
+  load_state || die "not running (no $STATE)"
+  local i="${1:-}" pids
+  [[ "$i" =~ ^[0-9]+$ ]] && ((i >= 1 && i <= ${RAY_LOCAL_WORKERS:-0})) ||
+    die "stop-node: no worker node '$i' (this cluster has ${RAY_LOCAL_WORKERS:-0})"
+  mapfile -t pids < <(node_pids "$i")
+  stop_pids "${pids[@]}"
+  mapfile -t pids < <(node_pids "$i")
+  ((${#pids[@]} == 0)) || die "worker node $i still running after stop-node: ${pids[*]}"
+  echo "worker node $i stopped"
 }
 
 cmd_down() {
@@ -239,9 +359,10 @@ cmd_down() {
 }
 
 case "${1:-}" in
-  up) cmd_up ;;
+  up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  stop-node) cmd_stop_node "${2:-}" ;;
+  *) echo "usage: $0 up [--workers N]|down|status|env|stop-node I" >&2; exit 2 ;;
 esac
