@@ -38,21 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 SMOKE = REPO / "jobs" / "smoke.yaml"
 WORKERS = 3
-# Sizes for a 3 x 1-CPU cluster.  Today's stages size actors and workers from the cluster's CPU
-# total (3 here, 2 once a node is lost): without these, embed and evaluate ask for actors of 2-3
-# CPUs and sft for 2-CPU workers, which no node has, and the run waits forever.  One CPU each
-# keeps every request within one node.
+# Every stage sizes its actors and workers from the alive nodes' shapes (dpray.resources), so
+# the smoke config runs as is; only sampling is shaped for the node loss:
 SIZES = [
     *("--set", "sample.num_actors=2"),  # 2 sampling actors: the third node stays free
     *("--set", "sample.shard_size=10"),  # shards small enough to stop a node between them
-    *("--set", "embed.num_actors=2"),  # runs after a node is lost: 2 nodes left
-    *("--set", "sft.cpus_per_worker=1"),
-    *("--set", "reward.cpus_per_worker=1"),
-    *("--set", "ppo.cpus_per_worker=1"),
-    *("--set", "annotate.num_actors=2"),
-    # 2 chunks of 4 instructions for 2 actors (one chunk of 8 would get one actor of 2 CPUs)
-    *("--set", "evaluate.num_actors=2"),
-    *("--set", "evaluate.batch_size=4"),
 ]
 SAMPLES = 120  # smoke.yaml's sample.num_samples: 12+ shards of 10 draws, most still to do when
 # the first one is written and the node goes
