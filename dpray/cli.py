@@ -240,14 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> tuple[DprayConfig, RunDir]:
-    path = args.config or packaged_config_path("demo")
+def _config_from_args(args: argparse.Namespace, path) -> DprayConfig:
+    """The config at ``path`` with ``--set``, ``--run-dir`` and ``--address`` applied."""
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    config = load_config(path, overrides)
+    return load_config(path, overrides)
+
+
+def _load(args: argparse.Namespace) -> tuple[DprayConfig, RunDir]:
+    config = _config_from_args(args, args.config or packaged_config_path("demo"))
     from dpray.preflight import check_run_dir
 
     for problem in check_run_dir(config.run_dir):  # before RunDir creates folders in it
@@ -408,13 +412,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dpray.plan import make_plan
 
-    path = args.config
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    config = load_config(path, overrides)
+    config = _config_from_args(args, args.config)
     stages = args.stages.split(",") if args.stages else None
     plan = make_plan(
         config, stages=stages, address=args.address, cluster=args.cluster, quick=args.quick
