@@ -121,10 +121,14 @@ def lora_config(section: dict, task_type: str):
     )
 
 
-def base_plan(stage: str, section: AlignTrainerConfig, seed: int) -> dict:
-    """What every worker needs to know apart from the stage's own data and model paths."""
+def base_plan(stage: str, section: AlignTrainerConfig, seed: int, progress: bool = False) -> dict:
+    """What every worker needs to know apart from the stage's own data and model paths.
+
+    ``progress``: rank 0 draws its optimiser steps on the driver (:func:`progress_callbacks`).
+    """
     return {
         "stage": stage,
+        "progress": progress,
         "run_id": secrets.token_hex(6),
         "seed": seed,
         "section": section.model_dump(mode="json"),

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from dpray.config import DprayConfig
 from dpray.rundir import RunDir, write_json
+from dpray.runtime import progress_enabled
 from dpray.stages.align.common import (
     base_plan,
     fit,
@@ -48,6 +49,7 @@ from dpray.stages.align.models import (
 )
 from dpray.stages.align.reward import reward_model_path
 from dpray.stages.base import Stage, StageResult, register
+from dpray.worker_progress import trainer_progress_callback
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "ppo"
@@ -86,7 +88,7 @@ def build_plan(config: DprayConfig, run_dir: RunDir, prompts: list[str] | None =
     prompts = load_prompts(prompts_path(run_dir), pc.max_prompts) if prompts is None else prompts
     if not prompts:
         raise ValueError(f"{STAGE_NAME}: no prompts")
-    plan = base_plan(STAGE_NAME, pc, config.seed)
+    plan = base_plan(STAGE_NAME, pc, config.seed, progress_enabled(config))
     plan.update(
         {
             "policy": policy_spec(config, run_dir),
@@ -191,6 +193,7 @@ def train(plan: dict):
         value_model=value_model,
         train_dataset=Dataset.from_dict({"input_ids": ids}),
         peft_config=lora_config(s, "CAUSAL_LM") if s["lora"] else None,
+        callbacks=trainer_progress_callback(plan["stage"], plan.get("progress", False)),
     )
     patch_for_transformers5(trainer)
     trainer.train()

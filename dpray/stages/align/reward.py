@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dpray.config import DprayConfig
 from dpray.rundir import RunDir, read_json, write_json
+from dpray.runtime import progress_enabled
 from dpray.stages.align.common import (
     base_plan,
     fit,
@@ -35,6 +36,7 @@ from dpray.stages.align.common import (
 )
 from dpray.stages.align.models import is_adapter, merge_reward_adapter, new_reward_model, write_meta
 from dpray.stages.base import Stage, StageResult, register
+from dpray.worker_progress import trainer_progress_callback
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "reward"
@@ -69,7 +71,7 @@ def build_plan(config: DprayConfig, run_dir: RunDir, rows: list[dict] | None = N
     rows = load_preferences(preferences_path(run_dir)) if rows is None else rows
     if not rows:
         raise ValueError(f"{STAGE_NAME}: no preference pairs to train on")
-    plan = base_plan(STAGE_NAME, config.reward, config.seed)
+    plan = base_plan(STAGE_NAME, config.reward, config.seed, progress_enabled(config))
     plan.update({"model_spec": config.reward.model, "rows": rows})
     return plan
 
@@ -110,6 +112,7 @@ def train(plan: dict):
         eval_dataset=probe,
         processing_class=tokenizer,
         peft_config=lora_config(s, "SEQ_CLS") if s["lora"] else None,
+        callbacks=trainer_progress_callback(plan["stage"], plan.get("progress", False)),
     )
     before = probe_loss(trainer)  # evaluate() cannot run before train() under ZeRO 0-2
     result = trainer.train()

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from dpray.config import DprayConfig
 from dpray.rundir import RunDir, write_json
+from dpray.runtime import progress_enabled
 from dpray.stages.align.common import (
     base_plan,
     fit,
@@ -36,6 +37,7 @@ from dpray.stages.align.common import (
 )
 from dpray.stages.align.models import is_adapter, load_tokenizer, write_meta
 from dpray.stages.base import Stage, StageResult, register
+from dpray.worker_progress import trainer_progress_callback
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "sft"
@@ -81,7 +83,7 @@ def build_plan(config: DprayConfig, run_dir: RunDir, rows: list[dict] | None = N
             f"{STAGE_NAME}: no prompt/completion pairs to train on (all empty, or truncated: "
             "raise annotate.max_new_tokens or leave sft.drop_truncated off)"
         )
-    plan = base_plan(STAGE_NAME, config.sft, config.seed)
+    plan = base_plan(STAGE_NAME, config.sft, config.seed, progress_enabled(config))
     plan.update({"model_path": str(resolve_causal_lm(config.sft.model)), "rows": rows})
     return plan
 
@@ -130,6 +132,7 @@ def train(plan: dict):
         eval_dataset=probe,
         processing_class=tokenizer,
         peft_config=lora_config(s, "CAUSAL_LM") if s["lora"] else None,
+        callbacks=trainer_progress_callback(plan["stage"], plan.get("progress", False)),
     )
     before = probe_loss(trainer)  # evaluate() cannot run before train() under ZeRO 0-2
     result = trainer.train()

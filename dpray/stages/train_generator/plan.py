@@ -86,6 +86,7 @@ class TrainPlan:
     adapter_dir: str
     ledger_path: str | None
     fail_at_step: int | None = None
+    progress: bool = False  # rank 0 draws a step bar on the driver (dpray.worker_progress)
 
 
 def trainable_parameter_count(model_path: str, layout: LoraLayout) -> int:

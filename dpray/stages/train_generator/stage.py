@@ -55,6 +55,7 @@ from dpray.privacy.releases import (
 )
 from dpray.resources import WorkerShape, fit_workers
 from dpray.rundir import RunDir, file_digest, read_json, write_json
+from dpray.runtime import progress_enabled
 from dpray.stages.base import Stage, StageResult, register
 from dpray.stages.train_generator.adapter import CHECK_FILE, read_check, resave_on_ray
 from dpray.stages.train_generator.formats import PromptFormat, build_format, resolve_format
@@ -310,6 +311,7 @@ def _base_plan(config, run_dir, manifest, shape, record, public, ledger_required
         adapter_dir=str(public / "adapter"),
         ledger_path=str(run_dir.ledger_path) if ledger_required else None,
         fail_at_step=tc.fail_at_step,
+        progress=progress_enabled(config),
     )
     return plan, fmt
 
