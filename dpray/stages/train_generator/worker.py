@@ -47,6 +47,7 @@ from dpray.stages.train_generator.dp_sgd import (
 )
 from dpray.stages.train_generator.noise import make_aggregator, secure_event_fields
 from dpray.stages.train_generator.plan import TrainPlan
+from dpray.worker_progress import StepBar
 
 log = logging.getLogger("dpray.train")
 
@@ -133,17 +134,27 @@ def train_loop_per_worker(config: dict) -> None:
         executed = previous.steps if previous is not None else 0
     total_steps = plan.steps
     log_every = max(1, total_steps // 20)
+    bar = StepBar(
+        "train-generator (DP-SGD)",
+        total_steps,
+        enabled=plan.progress and rank == 0,
+        start=start,
+        every=log_every,  # chunks, never one step's (batch-size-dependent) time
+    )
     aggregator.prefetch(start)
     for step in range(start, total_steps):
         tick = time.perf_counter()
         _maybe_fail(plan, step, rank, world)
         sampled = sampler(step)
-        groups = pack_micro_batches([len(units[u]) for u in sampled], plan.micro_batch_size)
+        # micro-batches of similar lengths pad less (each is padded to its longest sequence);
+        # the step's clipped sum does not depend on how its units are grouped
+        by_length = sorted(sampled, key=lambda u: max(len(seq) for seq in units[u]))
+        groups = pack_micro_batches([len(units[u]) for u in by_length], plan.micro_batch_size)
         batches = []
         for group in groups:
             seqs, owners = [], []
             for local in group:
-                unit = int(sampled[local])
+                unit = int(by_length[local])
                 seqs.extend(units[unit])
                 owners.extend([unit] * len(units[unit]))
             batches.append(collate(seqs, owners, plan.prompt_len, plan.pad_id))
@@ -158,7 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
             )
         apply_update(optimizer, params, noisy, plan.expected_batch_size)
         seconds = time.perf_counter() - tick
-        metrics = {"step": step + 1, "step_seconds": seconds, "epsilon": epsilon}
+        # what Ray Train gets is logged to the driver's console: public figures only
+        metrics = {"step": step + 1, "epsilon": epsilon}
         if rank == 0:
             _write_metrics(plan, metrics, local, seconds, sampled)
             if (step + 1) % log_every == 0 or step + 1 == total_steps:
@@ -169,7 +181,9 @@ def train_loop_per_worker(config: dict) -> None:
                     total_steps,
                     epsilon or 0.0,
                 )
+        bar.advance_to(step + 1, note=f"epsilon<={epsilon:.2f}" if epsilon is not None else None)
         _report(metrics, model, optimizer, step + 1, plan, rank)
+    bar.close()
     if rank == 0:  # the weights are here: save and check the adapter here, not on the driver
         save_and_verify(
             model,
@@ -268,6 +282,7 @@ def _write_metrics(plan: TrainPlan, metrics: dict, local, seconds: float, sample
         handle.write(json.dumps(public) + "\n")
     private = {
         **metrics,
+        "step_seconds": seconds,
         "loss_rank0": local.loss_sum / max(local.examples, 1),
         "examples_rank0": local.examples,
         "tokens_per_second_rank0": local.tokens / max(seconds, 1e-9),
