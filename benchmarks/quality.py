@@ -301,7 +301,12 @@ def rounds_report(run_dir: Path, dataset: str, n: int, subsamples: int) -> dict:
     model = encoder()
     a, b = embed(model, texts[:n]), embed(model, texts[n : 2 * n])
     sets = {}
-    for path in sorted((run_dir / "generator" / "rounds").glob("round-*.parquet")):
+    from dpray.stages.train_generator.strategies.private_evolution import ROUNDS_DIR
+
+    rounds = run_dir / ROUNDS_DIR
+    if not rounds.is_dir():  # a run of dpray before the rounds had a folder of their own
+        rounds = run_dir / "generator" / "rounds"
+    for path in sorted(rounds.glob("round-*.parquet")):
         table = pq.read_table(path).to_pandas()
         sets[f"{path.stem} candidates"] = embed(model, table.text.tolist())
         sets[f"{path.stem} kept"] = embed(model, table[table.kept].text.tolist())

@@ -134,6 +134,8 @@ STAGE_FOLDERS = {
     "ledger.json": "ingest",
     "ingest": "ingest",
     "generator": "train-generator",
+    "generator_rounds": "train-generator",
+    "generator_draws": "train-generator",
     "train": "train-generator",
     "sample": "sample",
     "sample_draws": "sample",

@@ -29,6 +29,7 @@ from dpray.stages.train_generator.formats import (
     variation_prompt_text,
 )
 from tests.conftest import REPO, make_canary
+from tests.test_output_schemas import assert_one_schema_per_folder
 
 SMOKE = REPO / "jobs" / "smoke.yaml"
 TINY = "tiny:hidden=64"
@@ -36,14 +37,18 @@ END_OF_TURN = "<|im_end|>"
 USER_TURN = "<|im_start|>user\n"
 
 
-@pytest.fixture(scope="module")
-def tok():
+def tiny_tokenizer():
     """The tiny test models' tokenizer (SmolLM2's, with its chat template)."""
     from transformers import AutoTokenizer
 
     from dpray.models import resolve_causal_lm
 
     return AutoTokenizer.from_pretrained(resolve_causal_lm(TINY), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
 
 
 # --------------------------------------------------------------------------- formats
@@ -309,14 +314,16 @@ def _check_filtered_and_within_target(run: Path) -> dict:
     return ledger
 
 
-@pytest.mark.slow
-def test_dp_finetune_samples_from_exactly_the_training_prompt(tmp_path, tok, ray_after_module):
+def assert_samples_from_exactly_the_training_prompt(run: Path, tok) -> None:
+    """A dp_finetune run's sampler starts from exactly the prompt the generator was trained on.
+
+    Checked on the smoke pipeline that ``tests/test_multinode.py`` runs (dp_finetune, two secure
+    workers) rather than in a run of its own here; the central mechanism's accounting is
+    ``test_train_generator.test_central_ledger_matches_dp_accounting``'s.
+    """
     from dpray.rundir import RunDir
     from dpray.stages.sample.backends import GeneratorSpec, prompts_digest
 
-    run = tmp_path / "run"
-    # one central worker: the smoke config's two secure ones are test_e2e's
-    _dpray(run, "train.steps=2", "train.num_workers=1", "train.noise=central")
     meta = json.loads((run / "generator" / "generator.json").read_text())
     assert meta["strategy"] == "dp_finetune" and meta["format"] == "chat_user"
     expected = build_format("chat_user", tok)
@@ -331,11 +338,9 @@ def test_dp_finetune_samples_from_exactly_the_training_prompt(tmp_path, tok, ray
     spec = GeneratorSpec.from_run_dir(RunDir(run))
     assert [list(p) for p in spec.prompts] == expected.prompts and spec.adapter_dir
     assert list(spec.stop_ids) == expected.stop_ids
-    ledger = _check_filtered_and_within_target(run)
-    stages = [e["stage"] for e in ledger["events"]]
-    assert stages.count("train-generator") == 1
+    ledger = _ledger(run)
     (train,) = [e for e in ledger["events"] if e["stage"] == "train-generator"]
-    assert train["mechanism"] == "poisson_subsampled_gaussian" and train["steps"] == 2
+    assert train["mechanism"] == "poisson_subsampled_skellam"  # smoke: secure aggregation
 
 
 @pytest.mark.slow
@@ -411,7 +416,7 @@ def test_private_evolution_spends_once_per_round_and_never_prompts_with_private_
     meta = json.loads((run / "generator" / "generator.json").read_text())
     assert meta["strategy"] == "private_evolution" and meta["format"] == "chat_user"
     assert meta["adapter"] is False and meta["rounds"] == 2
-    rounds = run / "generator" / "rounds"
+    rounds = run / "generator_rounds"
     round_texts = set()
     for r in (0, 1):
         table = pq.read_table(rounds / f"round-{r}.parquet").to_pydict()
@@ -420,6 +425,9 @@ def test_private_evolution_spends_once_per_round_and_never_prompts_with_private_
         assert json.loads((rounds / f"round-{r}.json").read_text())["mechanism"] == "gaussian"
     population = pq.read_table(run / "generator" / "population.parquet").column("text")
     assert 0 < len(population) <= 20  # pe_population / pe_variations
+    # rounds, their draw shards and the population: one Parquet schema per folder (#15)
+    folders = assert_one_schema_per_folder(run)
+    assert {"generator", "generator_rounds", "generator_draws/round-0"} <= set(folders)
 
     # variation prompts are built from synthetic candidates only
     assert recorded and parents_seen

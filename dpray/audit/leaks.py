@@ -57,7 +57,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN = re.compile(r"\w+", re.UNICODE)
-GENERATION_DIRS = ("sample", "sample_draws", "filter", "annotate", "generator")
+GENERATION_DIRS = (
+    "sample",
+    "sample_draws",
+    "filter",
+    "annotate",
+    "generator",
+    "generator_rounds",
+    "generator_draws",
+)
 PRIVATE_TABLES = ("ingest/instructions.parquet", "ingest/heldout.parquet")
 
 

@@ -21,9 +21,11 @@ release has L2 sensitivity 1 (``filter.histogram``), so it is a Gaussian mechani
 multiplier sigma; sigma is calibrated so that the ``pe_rounds`` releases together fit in
 ``privacy.train_share`` of the epsilon target on top of what the ledger already holds.
 
-Public outputs (DP, or post-processing of DP outputs): ``generator/rounds/round-R.parquet`` (the
-candidates of round R, their noisy votes, which were kept) and ``generator/rounds/draws-R/``
-(resumable generation shards).  A rerun with the same settings regenerates the same candidates
+Public outputs (DP, or post-processing of DP outputs), one Parquet schema per folder so each
+loads as one dataset: ``generator/population.parquet`` (the final population, what ``sample``
+draws variations of), ``generator_rounds/round-R.parquet`` (the candidates of round R, their noisy
+votes, which were kept; with the round's release ``round-R.json``) and
+``generator_draws/round-R/`` (resumable generation shards).  A rerun with the same settings regenerates the same candidates
 (seeded shards) and reuses each round's saved release instead of spending again; only
 ``--spend-again`` (:func:`~dpray.privacy.releases.spending_again`) calibrates afresh under a new
 run id and draws every round anew, and the ledger composes those rounds with the earlier ones.
@@ -53,7 +55,8 @@ from dpray.stages.base import StageResult
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "train-generator"
-ROUNDS_DIR = "rounds"
+ROUNDS_DIR = "generator_rounds"  # public folder: round-R.parquet, round-R.json, plan.json
+DRAWS_DIR = "generator_draws"  # public folder: round-R/ draw shards (the sample schema)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -84,12 +87,12 @@ def calibrate_rounds(ledger: Ledger, rounds: int, share: float) -> float:
 def _budget_plan(config: DprayConfig, run_dir: RunDir, rounds: int) -> tuple[float, str, int]:
     """``(noise multiplier, run id, rounds already released)`` for this run.
 
-    A rerun with the same settings (``generator/rounds/plan.json``) keeps its noise multiplier
+    A rerun with the same settings (``generator_rounds/plan.json``) keeps its noise multiplier
     and run id, so each round's saved release can be reused and only the rounds not released
     yet are spent; new settings, or ``--spend-again``, calibrate afresh against everything the
     ledger holds (earlier rounds included) under a new run id.
     """
-    path = run_dir.public("generator") / ROUNDS_DIR / "plan.json"
+    path = run_dir.public(ROUNDS_DIR) / "plan.json"
     key = config.section_hash("generator", "train", "sample", "embed", "privacy", "seed")
     ledger = Ledger.load(run_dir.ledger_path)
     if path.exists() and not spend_again():
@@ -177,7 +180,7 @@ def generate(
 ) -> list[tuple[str, bool]]:
     """``count`` cleaned draws ``(text, truncated)`` from ``spec`` (draw ``i`` uses prompt
     ``i % len(prompts)``), made on the sampling stage's Ray Data actors into resumable shards
-    under ``generator/rounds/draws-R``.  Empty/short draws (and, with
+    under ``generator_draws/round-R``.  Empty/short draws (and, with
     ``sample.drop_truncated``, draws cut at the token limit) come back as ``("", truncated)``."""
     from dpray.stages.sample.backends import choose_backend, derive_seed
     from dpray.stages.sample.clean import clean_column
@@ -194,7 +197,7 @@ def generate(
         "round": round_index,
         "root_seed": seed,
     }
-    folder = run_dir.public("generator") / ROUNDS_DIR / f"draws-{round_index}"
+    folder = run_dir.public(DRAWS_DIR) / f"round-{round_index}"
     store = DrawStore(folder, plan)
     shards = range(math.ceil(count / sc.shard_size))
     missing = store.missing(shards)
@@ -299,7 +302,7 @@ def vote_round(
     from dpray.stages.sample.backends import derive_seed, prompts_digest
 
     gc = config.generator
-    public = run_dir.public("generator") / ROUNDS_DIR
+    public = run_dir.public(ROUNDS_DIR)
     release_path = public / f"round-{round_index}.json"
     digest = prompts_digest([[hash_text(t)] for t in candidates])
     noisy = None
@@ -356,7 +359,7 @@ def _write_round(run_dir: RunDir, r: int, texts: list[str], parent: list[int], n
             "kept": pa.array(selected),
         }
     )
-    path = run_dir.public("generator") / ROUNDS_DIR / f"round-{r}.parquet"
+    path = run_dir.public(ROUNDS_DIR) / f"round-{r}.parquet"
     pq.write_table(table, path)
     return path
 
@@ -383,7 +386,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         )
     rounds, keep = gc.pe_rounds, max(1, math.ceil(gc.pe_population / gc.pe_variations))
     public = run_dir.public("generator")
-    (public / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
+    run_dir.public(ROUNDS_DIR)
     multiplier, run_id, released = _budget_plan(config, run_dir, rounds)
     from dpray.stages.embed.stage import cache_root as embed_cache_root
     from dpray.stages.filter.histogram import SENSITIVITY
