@@ -12,6 +12,11 @@ process session and resource ``node_i``, all with the cluster's own auth token. 
    the spare node and retries its shard (``sample``'s ``max_restarts``/``max_task_retries``), the
    run still writes the requested count, and every later stage runs on the two nodes left.
 
+The finished run is also CI's end-to-end check of the whole pipeline on small data (what
+``test_e2e`` did in a local Ray of its own): ledger within target with the DP stages' events,
+leak scan clean, public and private reports rendered, every public Parquet folder loadable as
+one dataset; and a second ``dpray run`` of the same run directory skips every completed stage.
+
 Three worker nodes, not two: an actor lost with its node is restarted where there is room (on
 Kubernetes the autoscaler replaces the node), so the spare 1-CPU node is that room here.
 `local.sh down` runs in a finally and must leave no process of the sessions it started.
@@ -32,7 +37,12 @@ from pathlib import Path
 import pytest
 
 from dpray.stages import STAGE_ORDER
+from tests.test_generator_strategies import (
+    assert_samples_from_exactly_the_training_prompt,
+    tiny_tokenizer,
+)
 from tests.test_local_cluster import job_api_available, read_state, session_pids
+from tests.test_output_schemas import assert_one_schema_per_folder
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
@@ -206,6 +216,21 @@ def test_smoke_on_three_nodes_and_a_node_lost_mid_sample(tmp_path):
         done = json.loads((run_dir / "timings" / "stages.json").read_text())
         assert [name for name in STAGE_ORDER if name not in done] == []
         print(f"node {node} stopped {stopped_at:.0f} s in, {shards_then}/{planned} shards drawn")
+        assert_pipeline_outputs(run_dir, pipeline.read_text())
+
+        # 3. a second run of the same run directory skips every completed stage
+        start = time.monotonic()
+        again = subprocess.run(
+            dpray("--address", address, *SIZES),
+            env=client_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        timings["rerun"] = time.monotonic() - start
+        assert again.returncode == 0, again.stderr[-4000:]
+        assert again.stderr.count("already done") >= 8, again.stderr[-4000:]
     finally:
         down = local("down", check=False)
         sids = [state.get("RAY_LOCAL_SID"), *state.get("RAY_LOCAL_NODE_SIDS", "").split()]
@@ -214,3 +239,33 @@ def test_smoke_on_three_nodes_and_a_node_lost_mid_sample(tmp_path):
         print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     assert down.returncode == 0, down.stdout + down.stderr
     assert leftover == [], f"left running: {leftover}"
+
+
+def assert_pipeline_outputs(run: Path, console: str) -> None:
+    """What a finished smoke run must hold (the end-to-end check of the whole pipeline)."""
+    assert f"outputs in {run}" in console and "report:" in console
+    ledger = json.loads((run / "ledger.json").read_text())
+    stages = {e["stage"] for e in ledger["events"]}
+    assert {"train-generator", "filter"} <= stages
+    assert ledger["spent"]["epsilon"] <= ledger["target"]["epsilon"] + 1e-9
+    leaks = json.loads((run / "audit" / "leaks.json").read_text())
+    assert leaks["leaks_total"] == 0 and leaks["files_scanned"] > 5
+    # no public file holds a statistic of real records that the ledger does not cover (#14)
+    assert leaks["nondp_statistics_total"] == 0, leaks["nondp_statistics_by_file"]
+    page = (run / "report" / "index.html").read_text()
+    assert "Privacy ledger" in page and "has not run" not in page.split("Privacy audit")[0]
+    private_page = (run / "private" / "report" / "index.html").read_text()
+    assert "Win rate" in private_page and "Probe accuracy" in private_page
+    for path in (
+        "generator/adapter",
+        "filter/filtered.parquet",
+        "sft",
+        "private/evaluate/win_rates.json",
+        "private/filter/metrics.json",
+    ):
+        assert (run / path).exists(), path
+    # every public folder of Parquet files loads as one dataset (issue #15)
+    checked = assert_one_schema_per_folder(run, load_with_datasets=True)
+    assert {"sample", "sample_draws", "filter", "annotate/pairs"} <= set(checked)
+    # the dp_finetune generator samples from exactly its training prompt
+    assert_samples_from_exactly_the_training_prompt(run, tiny_tokenizer())

@@ -4,7 +4,7 @@
 reads a folder as one dataset only if its Parquet files share a schema, subfolders included:
 ``sample/`` once held the resumable draw shards (another schema) in ``sample/draws/``, and
 ``annotate/`` the SFT pairs and the preference pairs side by side.
-:func:`assert_one_schema_per_folder` is run on the finished smoke run of ``test_e2e`` and on the
+:func:`assert_one_schema_per_folder` is run on the finished smoke run of ``test_multinode`` and on the
 sampling stage's output in ``test_sample``.
 """
 

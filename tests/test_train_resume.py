@@ -1,5 +1,5 @@
-"""train-generator reruns (issue #14, defect 2): an interrupted run resumes from its own Ray Train
-checkpoints under the same run id, and the ledger counts its steps in one event; a finished run's
+"""train-generator reruns (issue #14, defect 2), one run directory throughout: an interrupted run
+resumes from its own Ray Train checkpoints under the same run id, and the ledger counts its steps in one event; a finished run's
 adapter is reused -- in a moved run directory, on ``--force``, even when the adapter folder is
 gone -- and only ``spend_again`` trains anew, as a second event composed with the first."""
 
@@ -45,7 +45,7 @@ def _ray_runs(run_dir: RunDir) -> list[str]:
     return sorted(p.name for p in (run_dir.private("train") / "ray_results").glob("train-*"))
 
 
-def test_interrupted_run_resumes_and_a_finished_one_is_reused(
+def test_interrupted_run_resumes_a_finished_one_is_reused_and_spend_again_adds_a_run(
     tmp_path,
     ray_local,  # noqa: F811
     tiny_model,  # noqa: F811
@@ -96,28 +96,13 @@ def test_interrupted_run_resumes_and_a_finished_one_is_reused(
     assert moved.ledger_path.read_text() == ledger_text
     assert _ray_runs(moved) == [f"train-{record['run_id']}"]
 
-
-def test_force_reuses_the_adapter_and_spend_again_composes_a_second_run(
-    tmp_path,
-    ray_local,  # noqa: F811
-    tiny_model,  # noqa: F811
-    real_500,  # noqa: F811
-):
-    config = config_from_tree(
-        _tree(tmp_path / "run", real_500, tiny_model),
-        ["train.fail_at_step=null", "train.steps=2"],
-    )
-    run_dir = RunDir(config.run_dir)
-    stage = STAGES["train-generator"]
-    run_stage(STAGES["ingest"], config, run_dir)
-    run_stage(stage, config, run_dir)
-    (first,) = _train_events(run_dir)
-    result = run_stage(stage, config, run_dir, force=True)
-    assert result.summary["reused_release"] is True
-    assert _train_events(run_dir) == [first]
     # only spend_again trains anew: a second run, a second event composed with the first
-    result = run_stage(stage, config, run_dir, spend_again=True)
-    events = _train_events(run_dir)
+    (first,) = _train_events(moved)
+    again = config_from_tree(
+        _tree(target, real_500, tiny_model), ["train.fail_at_step=null", "train.steps=2"]
+    )
+    result = run_stage(stage, again, moved, spend_again=True)
+    events = _train_events(moved)
     assert len(events) == 2 and events[0] == first and events[1].run_id != first.run_id
     assert result.summary["executed_steps"] == 2 == events[1].steps
-    assert len(_ray_runs(run_dir)) == 2
+    assert len(_ray_runs(moved)) == 2
