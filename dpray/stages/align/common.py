@@ -124,7 +124,7 @@ def lora_config(section: dict, task_type: str):
 def base_plan(stage: str, section: AlignTrainerConfig, seed: int, progress: bool = False) -> dict:
     """What every worker needs to know apart from the stage's own data and model paths.
 
-    ``progress``: rank 0 draws its optimiser steps on the driver (:func:`progress_callbacks`).
+    ``progress``: rank 0 draws its optimiser steps on the driver (:func:`dpray.worker_progress.trainer_progress_callback`).
     """
     return {
         "stage": stage,

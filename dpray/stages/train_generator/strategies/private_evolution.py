@@ -21,11 +21,11 @@ release has L2 sensitivity 1 (``filter.histogram``), so it is a Gaussian mechani
 multiplier sigma; sigma is calibrated so that the ``pe_rounds`` releases together fit in
 ``privacy.train_share`` of the epsilon target on top of what the ledger already holds.
 
-Public outputs (DP, or post-processing of DP outputs), one Parquet schema per folder so each
-loads as one dataset: ``generator/population.parquet`` (the final population, what ``sample``
-draws variations of), ``generator_rounds/round-R.parquet`` (the candidates of round R, their noisy
-votes, which were kept; with the round's release ``round-R.json``) and
-``generator_draws/round-R/`` (resumable generation shards).  A rerun with the same settings regenerates the same candidates
+Public outputs (DP, or post-processing of DP outputs), one Parquet schema per folder so each loads
+as one dataset: ``generator/population.parquet`` (the final population, what ``sample`` draws
+variations of), ``generator_rounds/round-R.parquet`` (the candidates of round R, their noisy votes,
+which were kept; with the round's release ``round-R.json``) and ``generator_draws/round-R/``
+(resumable generation shards). A rerun with the same settings regenerates the same candidates
 (seeded shards) and reuses each round's saved release instead of spending again; only
 ``--spend-again`` (:func:`~dpray.privacy.releases.spending_again`) calibrates afresh under a new
 run id and draws every round anew, and the ledger composes those rounds with the earlier ones.
@@ -386,7 +386,6 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         )
     rounds, keep = gc.pe_rounds, max(1, math.ceil(gc.pe_population / gc.pe_variations))
     public = run_dir.public("generator")
-    run_dir.public(ROUNDS_DIR)
     multiplier, run_id, released = _budget_plan(config, run_dir, rounds)
     from dpray.stages.embed.stage import cache_root as embed_cache_root
     from dpray.stages.filter.histogram import SENSITIVITY
