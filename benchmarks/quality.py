@@ -27,7 +27,8 @@ over ``--subsamples`` draws), the benchmark reports:
 
 ``--reference`` adds the non-private ceiling: the same fine-tune with no noise and no clipping
 budget (``train_generator(..., ledger_required=False)``), in the benchmark only -- never a
-pipeline run.  Results: ``benchmarks/results/quality.json`` and ``quality.png``.
+pipeline run.  It has no DP filter, so it samples only what the comparison draws from
+(``--reference-samples``, default 2n) rather than the recipe's candidate count.  Results: ``benchmarks/results/quality.json`` and ``quality.png``.
 """
 
 from __future__ import annotations
@@ -320,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--reference", action="store_true", help="add the non-DP fine-tune")
+    parser.add_argument(
+        "--reference-samples",
+        type=int,
+        default=None,
+        help="candidates the unfiltered reference draws (default 2n)",
+    )
     parser.add_argument("--n", type=int, default=500, help="rows per compared set")
     parser.add_argument("--private-limit", type=int, default=6000)
     parser.add_argument("--subsamples", type=int, default=3)
@@ -403,7 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 print(f"[quality] {ds} {strategy}: running", flush=True)
                 if strategy == "reference_nondp":
-                    seconds = reference_run(run_dir, data, log, args.config, base_sets)
+                    draws = args.reference_samples or 2 * n
+                    ref_sets = [*base_sets, f"sample.num_samples={draws}"]
+                    seconds = reference_run(run_dir, data, log, args.config, ref_sets)
                 else:
                     seconds = dpray_run(
                         run_dir, strategy_sets(strategy, base_sets), log, args.config
