@@ -28,7 +28,9 @@ over ``--subsamples`` draws), the benchmark reports:
 ``--reference`` adds the non-private ceiling: the same fine-tune with no noise and no clipping
 budget (``train_generator(..., ledger_required=False)``), in the benchmark only -- never a
 pipeline run.  It has no DP filter, so it samples only what the comparison draws from
-(``--reference-samples``, default 2n) rather than the recipe's candidate count.  Results: ``benchmarks/results/quality.json`` and ``quality.png``.
+(``--reference-samples``, default 2n) rather than the recipe's candidate count.
+
+Results: ``benchmarks/results/quality.json`` and ``quality.png``.
 """
 
 from __future__ import annotations
