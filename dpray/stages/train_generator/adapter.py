@@ -21,17 +21,29 @@ CHECK_FILE = "adapter_check.json"
 STAGE_NAME = "train-generator"
 
 
-def build_lora_model(model_path: str, layout: LoraLayout):
-    """Base model + fresh LoRA adapter, initialised from ``layout.init_seed`` (same on all ranks)."""
+def build_lora_model(model_path: str, layout: LoraLayout, device: torch.device | str = "cpu"):
+    """Base model + fresh LoRA adapter on ``device``, initialised from ``layout.init_seed``.
+
+    Every rank builds the same adapter (same seed, same device type), so the replicas start
+    identical without a broadcast.  The frozen base is loaded straight onto ``device`` in
+    :func:`~dpray.stages.train_generator.device.base_dtype` (bf16 on a GPU), so a GPU worker
+    never holds an fp32 copy in host RAM; the LoRA weights are fp32 everywhere.
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(layout.init_seed)
+    from dpray.stages.train_generator.device import base_dtype, trainable_to_fp32
+
+    device = torch.device(device)
+    kwargs = {"device_map": {"": device}} if device.type != "cpu" else {}
     base = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, local_files_only=True
+        model_path, dtype=base_dtype(device), local_files_only=True, **kwargs
     )
     lora = layout.lora_config()
-    return get_peft_model(base, lora), lora
+    torch.manual_seed(layout.init_seed)
+    model = get_peft_model(base, lora)
+    trainable_to_fp32(model)
+    return model.to(device), lora
 
 
 def save_adapter(model, state: dict[str, torch.Tensor], adapter_dir: Path) -> None:
@@ -53,19 +65,24 @@ def verify_adapter(model_path: str, adapter_dir: Path, trained) -> int:
     """Reload the adapter; check weights round-trip and moved away from init; return #changed.
 
     (Opacus has silently corrupted LoRA weights with some peft versions: check, don't trust.)
+    The saved tensors are read back from the adapter folder and compared with the trained
+    model's, name by name, on the CPU; no second copy of the base model is loaded (at 7B that
+    would be another 14-28 GB on the worker).  ``model_path`` is kept for the error message.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftConfig
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
-    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
-    trained_state = {n: p for n, p in trained.named_parameters() if "lora_" in n}
-    reloaded_state = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    expected = sorted(trained.peft_config["default"].target_modules)
+    if sorted(config.target_modules) != expected:
+        raise RuntimeError(f"{STAGE_NAME}: adapter config for {model_path} lists other modules")
+    trained_state = get_peft_model_state_dict(trained)
+    reloaded_state = load_peft_weights(str(adapter_dir), device="cpu")
     if set(trained_state) != set(reloaded_state):
         raise RuntimeError(f"{STAGE_NAME}: adapter reload has different LoRA tensors")
     changed = 0
     for name, value in trained_state.items():
-        if not torch.allclose(value.detach().cpu(), reloaded_state[name].detach().cpu()):
+        if not torch.allclose(value.detach().float().cpu(), reloaded_state[name].float()):
             raise RuntimeError(f"{STAGE_NAME}: adapter tensor {name} did not round-trip")
         if "lora_B" in name and bool(value.abs().sum() > 0):
             changed += 1  # LoRA B starts at zero: non-zero means training moved it
@@ -98,7 +115,8 @@ def _resave(model_path: str, layout: LoraLayout, checkpoint: str, adapter_dir: s
     from dpray.stages.train_generator.worker import WEIGHTS_FILE
 
     model, _ = build_lora_model(model_path, layout)
-    save_adapter(model, torch.load(Path(checkpoint) / WEIGHTS_FILE), Path(adapter_dir))
+    state = torch.load(Path(checkpoint) / WEIGHTS_FILE, map_location="cpu")
+    save_adapter(model, state, Path(adapter_dir))
     return verify_adapter(model_path, Path(adapter_dir), model)
 
 

@@ -39,6 +39,7 @@ from dpray.stages.train_generator.data import (
     read_partition_units,
     tokenize_instructions,
 )
+from dpray.stages.train_generator.device import worker_device
 from dpray.stages.train_generator.dp_sgd import (
     apply_update,
     clipped_sum,
@@ -92,7 +93,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     units = _load_own_partitions(plan, rank, world)
     shard = np.arange(len(units))
-    model, _ = build_lora_model(plan.model_path, plan.lora)
+    # the device Ray gave this worker (its GPU, else CPU); the step's tensors live there
+    device = worker_device()
+    model, _ = build_lora_model(plan.model_path, plan.lora, device)
     model.train()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
@@ -101,12 +104,14 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
-            state = torch.load(folder / WEIGHTS_FILE)
+            # saved from whatever device the last attempt had: load to CPU, then copy over
+            state = torch.load(folder / WEIGHTS_FILE, map_location="cpu")
             named = dict(model.named_parameters())
             with torch.no_grad():
                 for name, value in state.items():
                     named[name].copy_(value)
-            optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE))
+            # Optimizer.load_state_dict moves the state to each parameter's device
+            optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu"))
             start = json.loads((folder / STATE_FILE).read_text())["step"]
         log.info("rank %d: resumed from checkpoint at step %d", rank, start)
 
