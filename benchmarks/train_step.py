@@ -2,12 +2,15 @@
 
 Measured in one run on the same model and batch, interleaved, medians of several repetitions:
   * single process (all threads): plain LoRA step, Opacus hooks DP step, functorch DP step;
-  * two gloo processes (threads split): DP step + central aggregation vs + secure aggregation,
-    plus the secure encode and the int64 all-reduce on their own;
+  * two gloo processes (threads split): DP step + central aggregation vs + secure aggregation
+    in blocks of consecutive steps (steady state: the next secure noise share is drawn on the
+    side thread during a step, as in training), plus the secure pieces on their own (side-thread
+    offset, encode, int64 all-reduce, decode);
   * tokens/s of each.
 
     python -m benchmarks.train_step                 # SmolLM2-135M, LoRA r=8 q/k/v/o, 16 x 64
     python -m benchmarks.train_step --model tiny --repeats 3   # seconds, for a quick check
+    python -m benchmarks.train_step --skip-single-process      # secure vs central only
 """
 
 from __future__ import annotations
@@ -114,9 +117,15 @@ def single_process(model_path: str, seqs, repeats: int) -> dict:
     }
 
 
-def _two_worker(rank, world, store, model_path, seqs, repeats, out):
+def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
     import torch.distributed as dist
 
+    from dpray.privacy.secure_agg.aggregator import (
+        all_reduce_int64,
+        data_independent_offset,
+        decode,
+        encode_with_offset,
+    )
     from dpray.stages.train_generator.data import collate
     from dpray.stages.train_generator.dp_sgd import (
         apply_update,
@@ -141,59 +150,71 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, out):
             dim, noise_multiplier=1.0, clip_norm=1.0, max_units_per_worker=64, session=b"b" * 16
         ),
     }
-    counter = {"step": 0}
-    samples: dict[str, list[float]] = {"central": [], "secure": [], "encode": [], "allreduce": []}
+    steps = {"central": 0, "secure": 0}  # each scheme counts its own steps, as in training
+    samples: dict[str, list[float]] = {"central": [], "secure": []}
+    rounds: list[float] = []
 
     def step(name):
-        counter["step"] += 1
         agg = aggregators[name]
-        agg.prefetch(counter["step"])
+        agg.prefetch(steps[name])  # no-op when this scheme's previous step already started it
         dist.barrier()
         start = time.perf_counter()
         local = clipped_sum(gsm, params, batch, clip_norm=1.0)
-        noisy = agg(local.vector, counter["step"])
+        noisy = agg(local.vector, steps[name])
         apply_update(opt, params, noisy, len(seqs))
+        steps[name] += 1
         return time.perf_counter() - start
 
-    for rep in range(repeats + 1):
-        for name in ("central", "secure"):
-            seconds = step(name)
-            if rep > 0:
-                samples[name].append(seconds)
-    # the pieces: secure encode (offset prepared ahead, as in training) and the int64 all-reduce
-    from dpray.privacy.secure_agg.aggregator import (
-        all_reduce_int64,
-        data_independent_offset,
-        encode_with_offset,
-    )
-
+    for name in aggregators:  # warm-up
+        step(name)
+    # Steady state, interleaved: each round runs a block of `block + 1` consecutive steps per
+    # scheme and times all but the first.  Within a secure block the next step's noise share is
+    # drawn on the side thread during the current step, as in training; the untimed first step
+    # of each block absorbs the edges (its share is drawn cold; the central block's first step
+    # shares the CPU with the last secure step's unused prefetch).
+    for _ in range(repeats):
+        medians = {}
+        for name in aggregators:
+            times = [step(name) for _ in range(block + 1)][1:]
+            samples[name] += times
+            medians[name] = statistics.median(times)
+        rounds.append(medians["secure"] / medians["central"])
+    # the pieces, one at a time: the side thread's offset (Skellam share + masks), the encode
+    # with it, the int64 all-reduce, and the decode
     secure = aggregators["secure"]
     vec = torch.randn(dim)
+    pieces: dict[str, list[float]] = {"offset": [], "encode": [], "allreduce": [], "decode": []}
     for k in range(repeats):
+        t0 = time.perf_counter()
         offset = data_independent_offset(
             secure.cfg, rank, 10_000 + k, secure.seeds, secure.offset_generator
         )
+        pieces["offset"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         payload = encode_with_offset(vec, secure.cfg, offset, secure.generator)
-        samples["encode"].append(time.perf_counter() - t0)
+        pieces["encode"].append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
         all_reduce_int64(payload, secure.cfg.bits)
-        samples["allreduce"].append(time.perf_counter() - t0)
+        pieces["allreduce"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        decode(payload, secure.cfg)
+        pieces["decode"].append(time.perf_counter() - t0)
     if rank == 0:
-        medians = {k: statistics.median(v) for k, v in samples.items()}
-        Path(out).write_text(json.dumps({"seconds": medians, "dim": dim}))
+        medians = {k: statistics.median(v) for k, v in (samples | pieces).items()}
+        result = {"seconds": medians, "dim": dim, "ratio_per_round": rounds, "block": block}
+        Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def two_workers(model_path: str, seqs, repeats: int) -> dict:
+def two_workers(model_path: str, seqs, repeats: int, block: int = 2) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         mp.spawn(
             _two_worker,
-            args=(2, os.path.join(tmp, "store"), model_path, seqs, repeats, out),
+            args=(2, os.path.join(tmp, "store"), model_path, seqs, repeats, block, out),
             nprocs=2,
             join=True,
         )
@@ -210,36 +231,52 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-two-workers", action="store_true")
+    parser.add_argument(
+        "--skip-single-process",
+        action="store_true",
+        help="only the 2-worker secure vs central comparison (results: train_step_two_workers)",
+    )
+    parser.add_argument(
+        "--block", type=int, default=2, help="timed consecutive steps per scheme and round"
+    )
     args = parser.parse_args(argv)
+    if args.skip_two_workers and args.skip_single_process:
+        parser.error("--skip-two-workers and --skip-single-process leave nothing to run")
+    if args.repeats < 1 or args.block < 1:
+        parser.error("--repeats and --block must be >= 1")
 
     from transformers import AutoTokenizer
 
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     seqs = real_batch(tokenizer, args.batch, args.tokens)
-    figures = {"single_process": single_process(model_path, seqs, args.repeats)}
+    figures = {}
+    rows = []
+    if not args.skip_single_process:
+        sp = figures["single_process"] = single_process(model_path, seqs, args.repeats)
+        rows += [
+            ("plain LoRA step", f"{sp['seconds']['plain']:.3f} s"),
+            ("DP step (hooks) / plain", f"{sp['ratio_dp_hooks_over_plain']:.3f}x"),
+            ("DP step (functorch) / plain", f"{sp['ratio_dp_functorch_over_plain']:.3f}x"),
+            (
+                "tokens/s plain | DP hooks",
+                f"{sp['tokens_per_second']['plain']:.0f} | "
+                f"{sp['tokens_per_second']['dp_hooks']:.0f}",
+            ),
+        ]
     if not args.skip_two_workers:
-        figures["two_workers"] = two_workers(model_path, seqs, args.repeats)
-    config = vars(args) | {"threads": torch.get_num_threads()}
-    path = write_result("train_step", figures, config)
-    sp = figures["single_process"]
-    rows = [
-        ("plain LoRA step", f"{sp['seconds']['plain']:.3f} s"),
-        ("DP step (hooks) / plain", f"{sp['ratio_dp_hooks_over_plain']:.3f}x"),
-        ("DP step (functorch) / plain", f"{sp['ratio_dp_functorch_over_plain']:.3f}x"),
-        (
-            "tokens/s plain | DP hooks",
-            f"{sp['tokens_per_second']['plain']:.0f} | {sp['tokens_per_second']['dp_hooks']:.0f}",
-        ),
-    ]
-    if "two_workers" in figures:
-        tw = figures["two_workers"]
+        tw = figures["two_workers"] = two_workers(model_path, seqs, args.repeats, args.block)
+        ms = {k: f"{v * 1e3:.1f} ms" for k, v in tw["seconds"].items()}
         rows += [
             ("2 workers: central DP step", f"{tw['seconds']['central']:.3f} s"),
             ("2 workers: secure / central", f"{tw['ratio_secure_over_central']:.3f}x"),
-            (f"secure encode ({tw['dim']} params)", f"{tw['seconds']['encode'] * 1e3:.1f} ms"),
-            ("int64 all-reduce (gloo)", f"{tw['seconds']['allreduce'] * 1e3:.1f} ms"),
+            (f"secure offset, side thread ({tw['dim']} params)", ms["offset"]),
+            ("secure encode | decode", f"{ms['encode']} | {ms['decode']}"),
+            ("int64 all-reduce (gloo)", ms["allreduce"]),
         ]
+    config = vars(args) | {"threads": torch.get_num_threads()}
+    name = "train_step_two_workers" if args.skip_single_process else "train_step"
+    path = write_result(name, figures, config)
     print_table(f"train step ({args.model}, {args.batch} x {args.tokens} tokens)", rows)
     print(f"\nresults: {path}")
     return figures

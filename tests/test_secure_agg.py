@@ -391,3 +391,86 @@ def test_two_process_gloo_round(tmp_path):
     # a payload on its own decodes to garbage: the mask hides the worker's input
     alone = agg.decode(torch.load(tmp_path / "payload0.pt"), cfg)
     assert (alone - plain).abs().max() > 1.0
+
+
+# ------------------------------------------------------------- fast paths vs their references
+
+
+def _reference_ptrs(gen: SecureRandom, count: int, lam: float) -> np.ndarray:
+    """The whole-array PTRS sampler that csprng's chunked one replaced (the oracle)."""
+    from dpray.privacy.secure_agg.csprng import _log_poisson_pmf
+
+    slam, loglam = math.sqrt(lam), math.log(lam)
+    b = 0.931 + 2.53 * slam
+    a = -0.059 + 0.02483 * b
+    log_invalpha = math.log(1.1239 + 1.1328 / (b - 3.4))
+    vr = 0.9277 - 3.6224 / (b - 2.0)
+    out = np.empty(count, dtype=np.int64)
+    todo = np.arange(count)
+    while todo.size:
+        m = todo.size
+        u = (gen.random_words(m) >> np.uint64(11)).astype(np.float64)
+        u += 0.5
+        u *= 1.0 / (1 << 53)
+        u -= 0.5
+        v = (gen.random_words(m) >> np.uint64(11)).astype(np.float64)
+        v += 0.5
+        v *= 1.0 / (1 << 53)
+        us = 0.5 - np.abs(u)
+        k = np.floor((2.0 * a / us + b) * u + lam + 0.43)
+        quick = (us >= 0.07) & (v <= vr)
+        reject = (k < 0) | ((us < 0.013) & (v > us))
+        lhs = np.log(v) + log_invalpha - np.log(a / (us * us) + b)
+        accept = quick | (~reject & (lhs <= _log_poisson_pmf(k, lam, loglam)))
+        out[todo[accept]] = k[accept].astype(np.int64)
+        todo = todo[~accept]
+    return out
+
+
+@pytest.mark.parametrize("lam", [10.0, 37.5, 1e4, 3e9, MAX_LAMBDA])
+def test_chunked_poisson_is_bit_identical_to_the_whole_array_sampler(lam):
+    # more draws than one chunk, so chunk edges and several rejection rounds are exercised
+    count = 3 * (1 << 15) + 17
+    fast = _srng(21).poisson(count, lam).numpy()
+    assert np.array_equal(fast, _reference_ptrs(_srng(21), count, lam))
+    # the same key gives the same draws; another key does not
+    assert np.array_equal(fast, _srng(21).poisson(count, lam).numpy())
+    assert not np.array_equal(fast, _srng(22).poisson(count, lam).numpy())
+
+
+def test_skellam_at_the_training_share_size_is_skellam():
+    lam = 0.9 * MAX_LAMBDA  # training shares sit at the sampler's cap
+    z = skellam_noise(100_000, lam, _srng(23)).double().numpy()
+    sd = math.sqrt(2 * lam)
+    assert abs(z.mean()) < 5 * sd / math.sqrt(z.size)
+    assert z.var() == pytest.approx(2 * lam, rel=0.03)
+    # at this λ Skellam/sd is N(0, 1) to within O(1/λ) (far below what 1e5 draws resolve);
+    # chi-square on 20 equiprobable bins
+    edges = stats.norm.ppf(np.linspace(0, 1, 21)[1:-1]) * sd
+    counts = np.bincount(np.searchsorted(edges, z), minlength=20)
+    assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_rotation_gain_rides_on_the_transform():
+    d = 3000
+    x = torch.randn(d, generator=_gen(24))  # float32 in, as the aggregator passes it
+    y = rotate(x, seed=5, gain=123.5)
+    torch.testing.assert_close(y, rotate(x.double(), seed=5) * 123.5, rtol=1e-12, atol=1e-9)
+    back = unrotate(y, 5, d, gain=1 / 123.5)
+    torch.testing.assert_close(back, x.double(), rtol=0, atol=1e-9)
+    ints = torch.round(y).to(torch.int64)  # integer input is widened, not truncated
+    torch.testing.assert_close(unrotate(ints, 5, d), unrotate(ints.double(), 5, d))
+
+
+def test_decode_signed_residue_matches_the_where_form():
+    cfg = SecureAggConfig(40, 3.0, 0.0, 1.0, 3, 3, 0, 1000)
+    mod, big_d = cfg.modulus, cfg.padded_dim
+    g = _gen(25)
+    total = torch.randint(0, 3 * mod, (big_d,), generator=g, dtype=torch.int64)
+    total[:6] = torch.tensor([0, mod // 2 - 1, mod // 2, mod - 1, mod, 3 * mod - 1])
+    v = total.bitwise_and(mod - 1)
+    signed = torch.where(v >= mod // 2, v - mod, v)
+    expected = unrotate(signed.double() / cfg.scale, cfg.rotation_seed, cfg.dim)
+    kept = total.clone()
+    torch.testing.assert_close(agg.decode(total, cfg), expected, rtol=1e-12, atol=1e-6)
+    assert torch.equal(total, kept)  # the all-reduce result is not modified

@@ -64,7 +64,7 @@ from dpray.privacy.secure_agg.quantize import (
     stochastic_round,
     stochastic_round_,
 )
-from dpray.privacy.secure_agg.rotation import padded_dim, rotate, unrotate
+from dpray.privacy.secure_agg.rotation import empty_buffer, padded_dim, rotate, unrotate
 from dpray.privacy.secure_agg.skellam import max_scale_for_sampler, share_lambda, skellam_noise
 
 __all__ = [
@@ -204,8 +204,7 @@ def quantize_share(x: torch.Tensor, cfg: SecureAggConfig, generator: SecureRando
     """
     if x.dim() != 1 or x.shape[0] != cfg.dim:
         raise ValueError(f"expected a 1-D tensor of length {cfg.dim}, got {tuple(x.shape)}")
-    x = x.detach().to(device="cpu", dtype=torch.float64)
-    rotated = rotate(x, cfg.rotation_seed).mul_(cfg.scale)
+    rotated = rotate(x.detach().to("cpu"), cfg.rotation_seed, gain=cfg.scale)
     share = stochastic_round_(rotated, generator)
     lam = cfg.share_lambda
     if lam > 0:
@@ -252,8 +251,7 @@ def encode_with_offset(
     """Payload ``round(s·R x) + offset mod 2^b`` from a :func:`data_independent_offset`."""
     if x.dim() != 1 or x.shape[0] != cfg.dim:
         raise ValueError(f"expected a 1-D tensor of length {cfg.dim}, got {tuple(x.shape)}")
-    x = x.detach().to(device="cpu", dtype=torch.float64)
-    rotated = rotate(x, cfg.rotation_seed).mul_(cfg.scale)
+    rotated = rotate(x.detach().to("cpu"), cfg.rotation_seed, gain=cfg.scale)
     payload = stochastic_round_(rotated, generator)
     return payload.add_(offset).bitwise_and_(cfg.modulus - 1)
 
@@ -284,9 +282,12 @@ def decode(total: torch.Tensor, cfg: SecureAggConfig) -> torch.Tensor:
     """
     if total.dtype != torch.int64 or total.dim() != 1 or total.shape[0] != cfg.padded_dim:
         raise ValueError(f"expected an int64 tensor of length {cfg.padded_dim}")
-    v = total.to("cpu").bitwise_and(cfg.modulus - 1)
-    v = torch.where(v >= cfg.modulus // 2, v - cfg.modulus, v)
-    return unrotate(v.to(torch.float64).div_(cfg.scale), cfg.rotation_seed, cfg.dim)
+    half = cfg.modulus // 2
+    # the signed representative in [-2^(b-1), 2^(b-1)): ((v + half) mod 2^b) - half
+    v = empty_buffer(cfg.padded_dim, torch.int64)
+    torch.add(total.to("cpu"), half, out=v)
+    v.bitwise_and_(cfg.modulus - 1).sub_(half)
+    return unrotate(v, cfg.rotation_seed, cfg.dim, gain=1.0 / cfg.scale)
 
 
 def _sim_private_key(seed: int, rank: int) -> bytes:

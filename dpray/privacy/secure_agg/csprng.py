@@ -89,10 +89,7 @@ class SecureRandom:
         return torch.from_numpy(self._uniform(count))
 
     def _uniform(self, count: int) -> np.ndarray:
-        top = (self.random_words(count) >> np.uint64(11)).astype(np.float64)
-        top += 0.5
-        top *= 1.0 / (1 << 53)
-        return top
+        return _words_to_uniform(self.random_words(count), np.empty(count))
 
     # ------------------------------------------------------------------------------ Poisson
 
@@ -127,28 +124,94 @@ class SecureRandom:
         return np.minimum(k, len(cdf) - 1).astype(np.int64)
 
     def _poisson_ptrs(self, count: int, lam: float) -> np.ndarray:
-        slam = math.sqrt(lam)
-        loglam = math.log(lam)
-        b = 0.931 + 2.53 * slam
-        a = -0.059 + 0.02483 * b
-        log_invalpha = math.log(1.1239 + 1.1328 / (b - 3.4))
-        vr = 0.9277 - 3.6224 / (b - 2.0)
+        """PTRS, vectorised: each round draws ``m`` uniforms ``u`` then ``m`` uniforms ``v``
+        for the ``m`` draws still open, and every draw whose candidate is rejected is redrawn in
+        the next round.
+
+        The arithmetic runs chunk by chunk over cache-sized slices (:func:`_ptrs_chunk`), and
+        the exact acceptance test (two logs and :func:`_log_poisson_pmf`) only on the ~20% of
+        candidates that miss the quick acceptance; the stream consumption and every
+        floating-point operation per draw are those of the whole-array form, so the output is
+        bit-identical to it for the same key (tests/test_secure_agg.py keeps that form as the
+        oracle).
+        """
+        consts = _PtrsConstants(lam)
         out = np.empty(count, dtype=np.int64)
-        todo = np.arange(count)
-        while todo.size:
-            m = todo.size
-            u = self._uniform(m)
-            u -= 0.5
-            v = self._uniform(m)
-            us = 0.5 - np.abs(u)
-            k = np.floor((2.0 * a / us + b) * u + lam + 0.43)
-            quick = (us >= 0.07) & (v <= vr)
-            reject = (k < 0) | ((us < 0.013) & (v > us))
-            lhs = np.log(v) + log_invalpha - np.log(a / (us * us) + b)
-            accept = quick | (~reject & (lhs <= _log_poisson_pmf(k, lam, loglam)))
-            out[todo[accept]] = k[accept].astype(np.int64)
-            todo = todo[~accept]
+        todo: np.ndarray | None = None  # None: every index (the first round)
+        while todo is None or todo.size:
+            m = count if todo is None else todo.size
+            u_words = self.random_words(m)  # the stream: m words for u, then m for v
+            v_words = self.random_words(m)
+            draws = out if todo is None else np.empty(m, dtype=np.int64)
+            accept = np.empty(m, dtype=bool)
+            for start in range(0, m, _CHUNK):
+                stop = min(start + _CHUNK, m)
+                accept[start:stop] = _ptrs_chunk(
+                    u_words[start:stop], v_words[start:stop], consts, draws[start:stop]
+                )
+            if todo is None:
+                todo = np.flatnonzero(~accept)
+            else:
+                out[todo[accept]] = draws[accept]
+                todo = todo[~accept]
         return out
+
+
+_CHUNK = 1 << 15  # draws per slice: a few float64 scratch arrays of 256 KiB stay in L2
+
+
+class _PtrsConstants:
+    """Hörmann's PTRS constants for one ``λ`` (>= 10)."""
+
+    def __init__(self, lam: float) -> None:
+        self.lam = lam
+        self.loglam = math.log(lam)
+        slam = math.sqrt(lam)
+        self.b = 0.931 + 2.53 * slam
+        self.a = -0.059 + 0.02483 * self.b
+        self.log_invalpha = math.log(1.1239 + 1.1328 / (self.b - 3.4))
+        self.vr = 0.9277 - 3.6224 / (self.b - 2.0)
+
+
+def _words_to_uniform(words: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``((w >> 11) + 0.5) / 2^53`` into ``out`` (float64); ``words`` is overwritten."""
+    np.right_shift(words, np.uint64(11), out=words)
+    np.add(words, 0.5, out=out)
+    out *= 1.0 / (1 << 53)
+    return out
+
+
+def _ptrs_chunk(
+    u_words: np.ndarray, v_words: np.ndarray, c: _PtrsConstants, draws: np.ndarray
+) -> np.ndarray:
+    """One PTRS round on a slice: candidates into ``draws`` (int64), returns the accept mask.
+
+    Rejected entries of ``draws`` are left as 0 (their candidate may not fit an int64).  Each
+    expression is evaluated in the same order as the whole-array form (e.g.
+    ``((2a / us + b) · u + λ) + 0.43``), so the accepted values are bit-identical to it.
+    """
+    u = _words_to_uniform(u_words, np.empty(u_words.size))
+    v = _words_to_uniform(v_words, np.empty(v_words.size))
+    u -= 0.5
+    us = np.abs(u)
+    np.subtract(0.5, us, out=us)
+    k = np.divide(2.0 * c.a, us)
+    k += c.b
+    k *= u
+    k += c.lam
+    k += 0.43
+    np.floor(k, out=k)
+    accept = us >= 0.07
+    accept &= v <= c.vr
+    slow = np.flatnonzero(~accept)
+    if slow.size:
+        ks, uss, vs = k[slow], us[slow], v[slow]
+        reject = (ks < 0) | ((uss < 0.013) & (vs > uss))
+        lhs = np.log(vs) + c.log_invalpha - np.log(c.a / (uss * uss) + c.b)
+        accept[slow] = ~reject & (lhs <= _log_poisson_pmf(ks, c.lam, c.loglam))
+    k[~accept] = 0.0
+    np.copyto(draws, k, casting="unsafe")
+    return accept
 
 
 _LOG_FACTORIAL = np.array([math.lgamma(k + 1.0) for k in range(int(_STIRLING_MIN))])

@@ -20,7 +20,7 @@ import math
 import torch
 
 from dpray.privacy.secure_agg.csprng import SecureRandom
-from dpray.privacy.secure_agg.rotation import padded_dim
+from dpray.privacy.secure_agg.rotation import empty_buffer, padded_dim
 
 __all__ = ["MAX_BITS", "stochastic_round", "stochastic_round_", "wrap_k", "choose_scale"]
 
@@ -47,12 +47,13 @@ def stochastic_round_(x: torch.Tensor, generator: SecureRandom) -> torch.Tensor:
         raise TypeError("stochastic_round_ needs a float64 tensor")
     if not isinstance(generator, SecureRandom):
         raise TypeError(f"rounding must draw from a SecureRandom, not {type(generator).__name__}")
-    floor = torch.floor(x)
+    floor = torch.floor(x, out=empty_buffer(x.numel(), x.dtype, x.device).view(x.shape))
     # exact for x >= 0 and x <= -1; for x in (-1, 0) x + 1 may round (bias < 2^-53)
     frac = x.sub_(floor)  # in [0, 1]
     u = generator.uniform(x.numel()).view(x.shape).to(x.device)
     floor.add_(u.lt_(frac))  # lt_ writes 1.0 where u < frac, else 0.0
-    return floor.to(torch.int64)
+    out = empty_buffer(x.numel(), torch.int64, x.device).view(x.shape)
+    return out.copy_(floor)  # integral values: the cast is exact
 
 
 def wrap_k(dim: int, wrap_prob: float = 1e-6) -> float:

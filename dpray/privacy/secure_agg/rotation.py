@@ -14,11 +14,12 @@ is ``diag(signs) · H / sqrt(D)``.  All workers must use the same seed (the sign
 shared), otherwise the rotated vectors cannot be summed.
 
 The Walsh-Hadamard transform is computed in float64 (a 40-bit quantizer needs the 53-bit
-mantissa) as a Kronecker product of small dense Hadamard blocks: ``H_D = H_m ⊗ ... ⊗ H_m``.
-Each pass is one ``(D/m, m) @ (m, m)`` matmul followed by a transpose that brings the next
-factor into place, so the cost is ``O(D · m · log D / log m)`` -- still ``O(D log D)`` for the
-fixed block size -- but it runs in a few BLAS calls instead of ``log2 D`` Python-level
-butterfly passes: for D = 2^20 on a 2-core VM, ~15-20 ms instead of ~360 ms for the butterfly.
+mantissa) as a Kronecker product of small dense Hadamard blocks: ``H_D = H_m1 ⊗ ... ⊗ H_mr``.
+The vector is viewed as an ``r``-dimensional array (one axis per factor, row-major), and each
+pass multiplies one axis by its block with a single (batched) matmul into a second buffer, so the
+cost is ``O(D · m · log D / log m)`` -- still ``O(D log D)`` for the fixed block size -- in ``r``
+BLAS calls and no transposed copies: for D = 2^20 on a 2-core VM ~15 ms, against ~40 ms for
+matmul-then-transpose passes and ~360 ms for ``log2 D`` Python-level butterfly passes.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
-__all__ = ["padded_dim", "rademacher_signs", "fwht", "rotate", "unrotate"]
+__all__ = ["padded_dim", "rademacher_signs", "fwht", "rotate", "unrotate", "empty_buffer"]
 
-# log2 of the dense Hadamard block used per pass.  32x32 blocks were the fastest on the
-# 2-core CPU this was tuned on (fewer passes vs. more flops per pass).
-_BLOCK_LOG2 = 5
+# log2 of the largest dense Hadamard block used per pass.  16x16 and 32x32 blocks were the
+# fastest on the 2-core CPU this was tuned on (fewer passes vs. more flops per pass; 8x8 and
+# 128x128 were ~2x slower at D = 2^20).
+_BLOCK_LOG2 = 4
 
 
 def padded_dim(d: int) -> int:
@@ -51,26 +54,59 @@ def _hadamard_block(k: int, normalized: bool) -> torch.Tensor:
     return h / math.sqrt(1 << k) if normalized else h
 
 
-def _fwht_(a: torch.Tensor, normalized: bool) -> torch.Tensor:
+def empty_buffer(n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised 1-D tensor; on CPU backed by numpy's allocator.
+
+    Why: every encode and decode needs a few fresh D-sized buffers, and torch's CPU allocator
+    maps them page by page (for D = 2^20 float64, ~2000 page faults each: 1-5 ms, and far more
+    when the machine is under memory pressure), while numpy asks the kernel for transparent
+    huge pages.  The values are shared with the numpy array, which the tensor keeps alive.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(n, dtype=dtype, device=device)
+    return torch.from_numpy(
+        np.empty(n, dtype=torch.empty(0, dtype=dtype, device="cpu").numpy().dtype)
+    )
+
+
+def _block_bits(total: int) -> list[int]:
+    """Split ``log2 D`` into the fewest factors of at most ``_BLOCK_LOG2`` bits, evenly."""
+    count = -(-total // _BLOCK_LOG2)
+    return [total // count + (1 if i < total % count else 0) for i in range(count)]
+
+
+def _fwht_(a: torch.Tensor, normalized: bool, gain: float = 1.0) -> torch.Tensor:
     """In-place Walsh-Hadamard transform of a contiguous float64 power-of-two vector.
 
-    Index ``i`` is written in base-``m`` digits (``D = m^r`` up to one smaller last factor) and
-    ``H_D`` acts on each digit independently.  ``a.view(-1, m)`` exposes the lowest digit, the
-    matmul transforms it into a scratch buffer, and copying the transpose back into ``a`` rotates
-    the digits so the next one becomes lowest.  After all factors the digit order is restored.
-    Preallocated buffers avoid two fresh D-sized allocations per pass (measurably slower on CPU).
-    With ``normalized`` each block carries ``1/sqrt(m)``, so no separate ``1/sqrt(D)`` pass.
+    Index ``i`` is written in mixed-radix digits (``D = m_1 · ... · m_r``, most significant
+    first) and ``H_D`` acts on each digit independently.  Pass ``j`` views the data as
+    ``(before, m_j, after)`` and multiplies the middle axis by ``H_{m_j}`` (a plain matmul when
+    ``before`` or ``after`` is 1, a broadcast batched one otherwise), writing into the other of
+    two buffers; no transposes are needed since every pass leaves the digit order alone.  With
+    ``normalized`` each block carries ``1/sqrt(m)``, so no separate ``1/sqrt(D)`` pass; a
+    ``gain`` other than 1 is folded into the first block the same way.
     """
     n = a.shape[0]
-    scratch = torch.empty_like(a)
-    remaining = n.bit_length() - 1
-    while remaining > 0:
-        k = min(_BLOCK_LOG2, remaining)
+    if n == 1:
+        return a.mul_(gain) if gain != 1.0 else a
+    src, dst = a, empty_buffer(n, a.dtype, a.device)
+    before = 1
+    for k in _block_bits(n.bit_length() - 1):
         m = 1 << k
+        after = n // (before * m)
         h = _hadamard_block(k, normalized).to(device=a.device)
-        torch.mm(a.view(-1, m), h, out=scratch.view(-1, m))
-        a.view(m, -1).copy_(scratch.view(-1, m).T)
-        remaining -= k
+        if before == 1 and gain != 1.0:
+            h = h * gain
+        if after == 1:  # rows of length m: x·H (H is symmetric)
+            torch.mm(src.view(before, m), h, out=dst.view(before, m))
+        elif before == 1:
+            torch.mm(h, src.view(m, after), out=dst.view(m, after))
+        else:
+            torch.matmul(h, src.view(before, m, after), out=dst.view(before, m, after))
+        src, dst = dst, src
+        before *= m
+    if src is not a:  # an odd number of passes ends in the scratch buffer
+        a.copy_(src)
     return a
 
 
@@ -112,26 +148,37 @@ def rademacher_signs(seed: int, size: int) -> torch.Tensor:
     return _signs(int(seed), int(size))
 
 
-def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """``H · diag(signs) · pad(x) / sqrt(D)`` as float64 of length ``D = padded_dim(len(x))``."""
+def rotate(x: torch.Tensor, seed: int, gain: float = 1.0) -> torch.Tensor:
+    """``gain · H · diag(signs) · pad(x) / sqrt(D)``, float64 of length ``D = padded_dim(len(x))``.
+
+    ``gain`` (e.g. the quantization scale) rides on the first Hadamard block: no extra pass.
+    ``x`` may be float32; it is widened inside the sign multiplication, without a copy.
+    """
     if x.dim() != 1:
         raise ValueError("rotate expects a 1-D tensor")
     d = x.shape[0]
     big_d = padded_dim(d)
     signs = rademacher_signs(seed, big_d).to(x.device)
-    out = torch.empty(big_d, dtype=torch.float64, device=x.device)
+    out = empty_buffer(big_d, torch.float64, x.device)
     out[d:].zero_()
-    torch.mul(x.to(torch.float64), signs[:d], out=out[:d])
-    return _fwht_(out, normalized=True)
+    torch.mul(x.detach(), signs[:d], out=out[:d])
+    return _fwht_(out, normalized=True, gain=gain)
 
 
-def unrotate(y: torch.Tensor, seed: int, d: int) -> torch.Tensor:
-    """Exact inverse of :func:`rotate`: ``(diag(signs) · H · y / sqrt(D))[:d]``, float64."""
+def unrotate(y: torch.Tensor, seed: int, d: int, gain: float = 1.0) -> torch.Tensor:
+    """Exact inverse of :func:`rotate` (for ``gain = 1``): ``(diag(signs) · H · y / sqrt(D))[:d]``.
+
+    float64; ``gain`` multiplies the result (rides on the first Hadamard block).  ``y`` may be
+    any real or integer dtype and is not modified.  The result is a view of the first ``d``
+    entries of a fresh length-``D`` buffer.
+    """
     if y.dim() != 1:
         raise ValueError("unrotate expects a 1-D tensor")
     big_d = y.shape[0]
     if big_d != padded_dim(d):
         raise ValueError(f"length {big_d} is not padded_dim({d}) = {padded_dim(d)}")
-    out = _fwht_(y.to(torch.float64, copy=True).contiguous(), normalized=True)
-    out.mul_(rademacher_signs(seed, big_d).to(y.device))
-    return out[:d] if d == big_d else out[:d].clone()
+    out = empty_buffer(big_d, torch.float64, y.device)
+    out.copy_(y)
+    _fwht_(out, normalized=True, gain=gain)
+    signs = rademacher_signs(seed, big_d).to(y.device)
+    return out[:d].mul_(signs[:d])

@@ -115,13 +115,16 @@ class SecureAggregator:
     def __call__(self, local_sum: torch.Tensor, step: int) -> torch.Tensor:
         future = self._pending.pop(step, None) or self._offset_future(step)
         offset = future.result()
-        self.prefetch(step + 1)
         payload = encode_with_offset(local_sum, self.cfg, offset, self.generator)
         device = local_sum.device
         if self.world > 1:
             payload = payload.to(device)
             all_reduce_int64(payload, self.cfg.bits)
-        return decode(payload, self.cfg).to(device=device, dtype=torch.float32)
+        noisy = decode(payload, self.cfg).to(device=device, dtype=torch.float32)
+        # only now: drawn during encode/decode the next share would compete with them for the
+        # CPU on the critical path; from here it overlaps the update and the next backward pass
+        self.prefetch(step + 1)
+        return noisy
 
 
 def make_aggregator(
