@@ -209,7 +209,7 @@ def _ptrs_chunk(
         reject = (ks < 0) | ((uss < 0.013) & (vs > uss))
         lhs = np.log(vs) + c.log_invalpha - np.log(c.a / (uss * uss) + c.b)
         accept[slow] = ~reject & (lhs <= _log_poisson_pmf(ks, c.lam, c.loglam))
-    k[~accept] = 0.0
+    k *= accept  # zero the rejected candidates (finite: us > 0) before the int64 cast
     np.copyto(draws, k, casting="unsafe")
     return accept
 
