@@ -371,6 +371,16 @@ class FilterConfig(Section):
         5, ge=1, description="Subsamples each FED figure is averaged over."
     )
     seed: int = Field(0, description="Seed of k-means and resampling (public steps, not noise).")
+    chunk_size: int = Field(
+        65536,
+        ge=1,
+        description="cluster: candidates read, projected and assigned at a time (bounds memory).",
+    )
+    distributed: bool | Literal["auto"] = Field(
+        "auto",
+        description="cluster: assign candidates to centres in Ray tasks on every node.  auto: "
+        "only when Ray is connected with 2+ nodes that have CPUs and there is more than a chunk.",
+    )
 
 
 class AuditConfig(Section):

@@ -1,9 +1,11 @@
 """``dpray filter``: DP filtering of the synthetic candidates (see ``stage``).
 
-Modules, one job each: ``histogram`` (the DP math: votes, sensitivity, noise), ``cluster`` (PCA +
-k-means on synthetic), ``nn_vote`` (nearest-candidate votes), ``resample`` (quotas that meet
-``target_size``), ``core`` (the two methods on arrays), ``metrics`` (non-private evaluation on
-the held-out split), ``stage`` (files and ledger).
+Modules, one job each: ``histogram`` (the DP math: votes, sensitivity, noise), ``rows``
+(embeddings read from disk chunk by chunk), ``cluster`` (PCA + k-means on synthetic),
+``assign`` (nearest-centre labels chunk by chunk, in Ray tasks on every node if asked),
+``nn_vote`` (nearest-candidate votes), ``resample`` (quotas that meet ``target_size``), ``core``
+(the two methods on arrays or rows), ``metrics`` (non-private evaluation on the held-out split),
+``stage`` (files and ledger).
 """
 
 from dpray.stages.base import Stage, register

@@ -4,9 +4,14 @@ Fitting on the synthetic set only is what keeps this free: the synthetic instruc
 output, so any function of them is post-processing.  The real (private) embeddings are only
 *assigned* to the fitted centroids; the resulting histogram is what the DP release protects.
 
-Speed at scale (1M candidates, K=1000): the PCA covariance is estimated on a random subsample
-(faiss' own PCA trains on at most 1000 points per dimension, too), the projection is one matrix
-product in chunks, and faiss k-means trains on its default subsample of 256 points per centroid.
+Out of core (10M candidates do not fit in memory, issue 17): the candidates are read as
+:mod:`~dpray.stages.filter.rows` chunks, never whole.  The PCA covariance is estimated on a
+random subsample (1000 points per dimension, what faiss' PCAMatrix uses), and k-means trains on
+exactly the subsample faiss would draw itself (``rand_perm(n, seed)``'s first 256 points per
+centroid), gathered from disk and projected -- so the centres, and hence the labels and the
+filtered set, are the same as fitting on the whole projected array.  Then every candidate is
+assigned chunk by chunk (:mod:`~dpray.stages.filter.assign`, on every Ray node if asked); only
+the int64 label array (8 bytes per candidate) is held whole.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from dpray.stages.filter.assign import DEFAULT_CHUNK, Assigner, assign, assign_local
+from dpray.stages.filter.rows import Rows, as_rows, iter_chunks, take_in_chunks
+
 log = logging.getLogger(__name__)
 
 MAX_CLUSTERS = 1000
@@ -27,7 +35,7 @@ MIN_PER_CLUSTER = 50
 feed the resampler without running dry at once."""
 PCA_MAX_POINTS_PER_DIM = 1000
 """Covariance subsample: 1000 points per input dimension (what faiss' PCAMatrix uses)."""
-CHUNK = 65536
+CHUNK = DEFAULT_CHUNK
 
 
 def auto_num_clusters(num_synthetic: int, configured: int | None = None) -> int:
@@ -56,35 +64,42 @@ class PCA:
     def dim(self) -> int:
         return int(self.components.shape[1])
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Project in chunks (float32), so a 1M x 384 input never needs a float64 copy."""
-        out = np.empty((len(x), self.dim), dtype=np.float32)
-        mean = self.mean.astype(np.float32)
-        comps = self.components.astype(np.float32)
-        for start in range(0, len(x), CHUNK):
-            block = np.asarray(x[start : start + CHUNK], dtype=np.float32)
-            np.matmul(block - mean, comps, out=out[start : start + CHUNK])
+    def assigner(self, centroids: np.ndarray) -> Assigner:
+        """The projection plus ``centroids``: the small model the assignment broadcasts."""
+        return Assigner(
+            mean=self.mean.astype(np.float32),
+            components=np.ascontiguousarray(self.components, dtype=np.float32),
+            centroids=np.ascontiguousarray(centroids, dtype=np.float32),
+        )
+
+    def apply(self, x: Rows | np.ndarray) -> np.ndarray:
+        """Project every row (float32, chunk by chunk: no float64 copy of the input)."""
+        rows = as_rows(x)
+        model = self.assigner(np.zeros((1, self.dim), dtype=np.float32))
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for start, block in iter_chunks(rows, CHUNK):
+            out[start : start + len(block)] = model.project(block)
         return out
 
 
-def fit_pca(x: np.ndarray, variance: float, rng: np.random.Generator) -> PCA:
+def fit_pca(x: Rows | np.ndarray, variance: float, rng: np.random.Generator) -> PCA:
     """Smallest PCA keeping ``variance`` of the (subsampled) covariance's total variance.
 
-    The covariance is accumulated in float64 over float32 chunks of the subsample, so a 1M x 384
-    input (memory-mapped or not) never needs a full centred copy.
+    The covariance is accumulated in float64 over float32 chunks of the subsample (read from
+    disk chunk by chunk when ``x`` is a file), so no full or centred copy is ever made.
     """
-    n, d = x.shape
+    x = as_rows(x)
+    n, d = len(x), x.dim
     limit = PCA_MAX_POINTS_PER_DIM * d
     rows = np.arange(n) if n <= limit else np.sort(rng.choice(n, size=limit, replace=False))
-    chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
     total_sum = np.zeros(d)
-    for chunk in chunks:
-        total_sum += np.asarray(x[chunk], dtype=np.float32).sum(axis=0, dtype=np.float64)
+    for block in take_in_chunks(x, rows, CHUNK):
+        total_sum += block.sum(axis=0, dtype=np.float64)
     mean = total_sum / len(rows)
     mean32 = mean.astype(np.float32)
     cov = np.zeros((d, d))
-    for chunk in chunks:
-        centred = np.asarray(x[chunk], dtype=np.float32) - mean32
+    for block in take_in_chunks(x, rows, CHUNK):
+        centred = block - mean32
         cov += centred.T @ centred
     cov /= max(1, len(rows) - 1)
     eigvals, eigvecs = np.linalg.eigh(cov)
@@ -110,30 +125,57 @@ class Clustering:
     centroids: np.ndarray  # (K, d_pca) float32
     synthetic_labels: np.ndarray  # (n_synthetic,) int64
     timings: dict[str, float] = field(default_factory=dict)
+    assignment: dict = field(default_factory=dict)  # how the candidates were assigned (public)
 
     @property
     def num_clusters(self) -> int:
         return int(len(self.centroids))
 
-    def assign(self, x: np.ndarray) -> np.ndarray:
-        """Nearest centroid (L2, in PCA space) of each row of ``x`` (original space)."""
-        return nearest(self.centroids, self.pca.apply(x))
+    def assign(self, x: Rows | np.ndarray, chunk_size: int = CHUNK) -> np.ndarray:
+        """Nearest centroid (L2, in PCA space) of each row of ``x`` (original space), chunk by
+        chunk in this process (the real records' path: nothing leaves the driver)."""
+        return assign_local(as_rows(x), self.pca.assigner(self.centroids), chunk_size)
 
 
-def nearest(centroids: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid for each point (exact, faiss flat L2)."""
-    if len(points) == 0:
-        return np.zeros(0, dtype=np.int64)
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    _, labels = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
-    return labels[:, 0].astype(np.int64)
+def kmeans_sample(n: int, k: int, seed: int) -> np.ndarray | None:
+    """The rows faiss k-means trains on, in its order: ``None`` (all rows) when ``n`` is at most
+    ``k x max_points_per_centroid``, else the first ``k x 256`` of faiss' ``rand_perm(n, seed)``
+    -- exactly what ``faiss.Clustering`` would subsample, drawn without holding the points."""
+    limit = k * faiss.ClusteringParameters().max_points_per_centroid
+    if n <= limit:
+        return None
+    perm = np.empty(n, dtype=np.int32)  # faiss' rand_perm fills C ints
+    faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
+    return perm[:limit].astype(np.int64)
+
+
+def _training_points(synthetic: Rows, pca: PCA, sample: np.ndarray | None) -> np.ndarray:
+    """The projected k-means training set (rows in ``sample``'s order), read chunk by chunk."""
+    if sample is None:
+        return pca.apply(synthetic)
+    ordered = np.sort(sample)
+    model = pca.assigner(np.zeros((1, pca.dim), dtype=np.float32))
+    projected = np.empty((len(ordered), pca.dim), dtype=np.float32)
+    done = 0
+    for block in take_in_chunks(synthetic, ordered, CHUNK):
+        projected[done : done + len(block)] = model.project(block)
+        done += len(block)
+    return projected[np.searchsorted(ordered, sample)]
 
 
 def fit_clusters(
-    synthetic: np.ndarray, num_clusters: int, variance: float, seed: int, niter: int = 20
+    synthetic: Rows | np.ndarray,
+    num_clusters: int,
+    variance: float,
+    seed: int,
+    niter: int = 20,
+    chunk_size: int = CHUNK,
+    distributed: bool = False,
 ) -> Clustering:
-    """PCA then faiss k-means on the synthetic embeddings (public); label every candidate."""
+    """PCA then faiss k-means on the synthetic embeddings (public); label every candidate.
+
+    ``distributed``: assign the candidates in Ray tasks (see ``assign``); same labels."""
+    synthetic = as_rows(synthetic)
     timings: dict[str, float] = {}
     lap = time.perf_counter()
 
@@ -145,27 +187,28 @@ def fit_clusters(
     rng = np.random.default_rng(seed)
     pca = fit_pca(synthetic, variance, rng)
     tick("pca_fit")
-    projected = pca.apply(synthetic)
+    k = int(min(num_clusters, len(synthetic)))
+    faiss_seed = seed % (2**31)
+    points = _training_points(synthetic, pca, kmeans_sample(len(synthetic), k, faiss_seed))
     tick("pca_apply")
-    k = int(min(num_clusters, len(projected)))
-    kmeans = faiss.Kmeans(projected.shape[1], k, niter=niter, seed=seed % (2**31), verbose=False)
-    kmeans.train(projected)
+    kmeans = faiss.Kmeans(points.shape[1], k, niter=niter, seed=faiss_seed, verbose=False)
+    kmeans.train(points)
+    del points
     tick("kmeans")
-    _, labels = kmeans.index.search(projected, 1)
+    centroids = kmeans.centroids.copy()
+    labels, how = assign(synthetic, pca.assigner(centroids), chunk_size, distributed)
     tick("assign_synthetic")
     log.info(
-        "filter: PCA %d -> %d dims (%.1f%% variance), k-means K=%d on %d candidates",
-        synthetic.shape[1],
+        "filter: PCA %d -> %d dims (%.1f%% variance), k-means K=%d on %d candidates (%s)",
+        synthetic.dim,
         pca.dim,
         100 * pca.explained,
         k,
-        len(projected),
+        len(synthetic),
+        how["mode"],
     )
     return Clustering(
-        pca=pca,
-        centroids=kmeans.centroids.copy(),
-        synthetic_labels=labels[:, 0],
-        timings=timings,
+        pca=pca, centroids=centroids, synthetic_labels=labels, timings=timings, assignment=how
     )
 
 

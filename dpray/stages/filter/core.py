@@ -7,6 +7,11 @@ once right after the noise is drawn and before anything is derived from it (the 
 ledger event and saves the release there, so a refused spend means nothing noisy was ever used).
 ``saved``: an earlier release of the same votes (DP output), used instead of drawing noise --
 nothing is released, so ``on_release`` is not called.
+
+Embeddings come as arrays or as :mod:`~dpray.stages.filter.rows` readers (an ``.npy`` read
+chunk by chunk).  The cluster method never holds a set whole: candidates are assigned chunk by
+chunk (in Ray tasks with ``filter.distributed``), real records chunk by chunk on this process.
+The nn_vote method searches an index of every candidate, so it reads both sets into memory.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import numpy as np
 from dpray.config import FilterConfig
 from dpray.privacy.mechanisms.gaussian import gaussian_release
 from dpray.stages.filter import histogram, nn_vote, resample
+from dpray.stages.filter.assign import use_ray
 from dpray.stages.filter.cluster import Clustering, auto_num_clusters, fit_clusters
+from dpray.stages.filter.rows import Rows, as_rows
 
 
 @dataclass
@@ -68,9 +75,17 @@ def _timer() -> Callable[[], float]:
     return lap
 
 
+def _fit(synthetic: Rows, fc: FilterConfig) -> Clustering:
+    k = auto_num_clusters(len(synthetic), fc.num_clusters)
+    distributed = use_ray(fc.distributed, len(synthetic), fc.chunk_size)
+    return fit_clusters(
+        synthetic, k, fc.pca_variance, fc.seed, fc.kmeans_iters, fc.chunk_size, distributed
+    )
+
+
 def cluster_filter(
-    synthetic: np.ndarray,
-    real: np.ndarray,
+    synthetic: Rows | np.ndarray,
+    real: Rows | np.ndarray,
     units: np.ndarray,
     fc: FilterConfig,
     sigma: float,
@@ -79,15 +94,17 @@ def cluster_filter(
     clustering: Clustering | None = None,
     saved: np.ndarray | None = None,
 ) -> FilterOutcome:
-    """The seed paper's filter: cluster synthetic, histogram real, noise, resample to shares."""
+    """The seed paper's filter: cluster synthetic, histogram real, noise, resample to shares.
+
+    The real records are assigned here, chunk by chunk, whatever ``filter.distributed`` says:
+    their labels and exact votes stay in this process (the stage writes them under private/)."""
     lap = _timer()
     timings = {}
     if clustering is None:
-        k = auto_num_clusters(len(synthetic), fc.num_clusters)
-        clustering = fit_clusters(synthetic, k, fc.pca_variance, fc.seed, fc.kmeans_iters)
+        clustering = _fit(as_rows(synthetic), fc)
         timings.update(clustering.timings)
     lap()
-    real_labels = clustering.assign(real)
+    real_labels = clustering.assign(as_rows(real), fc.chunk_size)
     timings["assign_real"] = lap()
     k = clustering.num_clusters
     exact = histogram.unit_votes(units, real_labels, k, scheme="split")
@@ -106,8 +123,8 @@ def cluster_filter(
 
 
 def nn_vote_filter(
-    synthetic: np.ndarray,
-    real: np.ndarray,
+    synthetic: Rows | np.ndarray,
+    real: Rows | np.ndarray,
     units: np.ndarray,
     fc: FilterConfig,
     sigma: float,
@@ -121,7 +138,13 @@ def nn_vote_filter(
     The clustering is fitted only for the ``cluster`` column and the evaluation metrics."""
     lap = _timer()
     timings = {}
-    neighbours = nn_vote.nearest_candidates(synthetic, real, fc.nn_k, fc.seed)
+    synthetic_rows = as_rows(synthetic)
+    neighbours = nn_vote.nearest_candidates(
+        synthetic_rows.read(0, len(synthetic_rows)),
+        as_rows(real).read(0, len(real)),
+        fc.nn_k,
+        fc.seed,
+    )
     timings["search"] = lap()
     exact = histogram.unit_votes(units, neighbours, len(synthetic), scheme="l2")
     noisy = _release(exact, sigma, noise_rng, on_release, saved)
@@ -135,8 +158,7 @@ def nn_vote_filter(
     )
     timings["release_and_select"] = lap()
     if clustering is None:
-        k = auto_num_clusters(len(synthetic), fc.num_clusters)
-        clustering = fit_clusters(synthetic, k, fc.pca_variance, fc.seed, fc.kmeans_iters)
+        clustering = _fit(synthetic_rows, fc)
         timings.update(clustering.timings)
     return FilterOutcome(selected, clustering, exact, noisy, None, report.to_dict(), timings)
 

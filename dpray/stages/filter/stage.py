@@ -11,6 +11,11 @@ Reads the embed stage's sets (``embed/synthetic.*`` public, ``private/embed/real
   evaluation on the held-out real split (exact statistics of real records that no DP mechanism
   released, so they stay in the private zone and reach only the private report).
 
+Out of core: the embeddings are read chunk by chunk (``filter.chunk_size`` rows,
+:mod:`~dpray.stages.filter.rows`), the candidates' ids and texts are checked and gathered shard
+by shard, and only the selected texts are held; ``filter.distributed`` assigns the candidates in
+Ray tasks on every node (:mod:`~dpray.stages.filter.assign`), the real records always here.
+
 Privacy: one Gaussian release with L2 sensitivity 1 (``histogram``), drawn and spent on the
 ledger through :mod:`dpray.privacy.mechanisms.gaussian` as
 ``GaussianEvent("filter", noise_multiplier=sigma / 1)``.  sigma is ``filter.sigma`` or the
@@ -51,6 +56,7 @@ from dpray.rundir import RunDir, file_digest, read_json, write_json
 from dpray.stages.base import StageResult
 from dpray.stages.filter import histogram, metrics
 from dpray.stages.filter.core import METHODS, FilterOutcome
+from dpray.stages.filter.rows import NpyRows
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "filter"
@@ -96,19 +102,39 @@ def read_set(prefix: Path) -> tuple[pa.Table, np.ndarray]:
     return ids, vectors
 
 
-def synthetic_texts(run_dir: RunDir, syn_ids: pa.Table) -> pa.ChunkedArray:
-    """The candidates' texts from the sample shards, checked to be row-aligned with the
-    embeddings (same shard order as the embed stage; a changed shard means: rerun embed)."""
+def sample_shards(run_dir: RunDir, syn_ids: pa.Table) -> list[Path]:
+    """The sample shards, checked to be row-aligned with the embeddings (same shard order as the
+    embed stage; a changed shard means: rerun embed).  Streamed: one batch of ids at a time."""
     shards = sorted((run_dir.root / "sample").glob("*.parquet"))
     if not shards:
         raise SourceError(f"{run_dir.root / 'sample'}: no synthetic shards")
-    tables = [pq.read_table(p, columns=["sample_id", "text"]) for p in shards]
-    table = pa.concat_tables(tables, promote_options="default")
-    if len(table) != len(syn_ids) or not table.column("sample_id").equals(
-        syn_ids.column("sample_id")
-    ):
+    expected = syn_ids.column("sample_id")
+    seen = 0
+    for path in shards:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["sample_id"]):
+            ids = pa.chunked_array([batch.column(0)])
+            if seen + len(ids) > len(expected) or not ids.equals(expected.slice(seen, len(ids))):
+                raise SourceError("sample shards changed since `dpray embed`; rerun it")
+            seen += len(ids)
+    if seen != len(expected):
         raise SourceError("sample shards changed since `dpray embed`; rerun it")
-    return table.column("text")
+    return shards
+
+
+def selected_texts(shards: list[Path], rows: np.ndarray) -> pa.ChunkedArray:
+    """The texts of candidates ``rows`` (any order, repeats allowed), streamed from the shards:
+    only the selected texts are ever held, not the millions of candidates'."""
+    wanted = np.unique(rows)
+    pieces, seen = [], 0
+    for path in shards:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
+            lo, hi = np.searchsorted(wanted, [seen, seen + batch.num_rows])
+            if hi > lo:
+                taken = batch.column(0).take(pa.array(wanted[lo:hi] - seen, pa.int64()))
+                pieces.append(taken.cast(pa.string()))
+            seen += batch.num_rows
+    texts = pa.chunked_array(pieces, type=pa.string())
+    return texts.take(pa.array(np.searchsorted(wanted, rows), pa.int64()))
 
 
 def _load(run_dir: RunDir, name: str, private: bool) -> tuple[pa.Table, np.ndarray]:
@@ -123,7 +149,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     """Filter the synthetic candidates with one DP release; see the module docstring."""
     fc = config.filter
     syn_ids, synthetic = _load(run_dir, "synthetic", private=False)
-    texts = synthetic_texts(run_dir, syn_ids)
+    shards = sample_shards(run_dir, syn_ids)
     real_ids, real = _load(run_dir, "real", private=True)
     if len(synthetic) == 0:
         raise SourceError("embed/synthetic: no synthetic candidates")
@@ -147,9 +173,13 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         ledger.spend(event)  # right after the noise is drawn, before anything uses it
         SavedRelease.save(run_dir, key, fc.method, sigma, event, noisy)
 
+    if fc.method == "cluster" and fc.distributed is True:
+        from dpray.runtime import ensure_ray
+
+        ensure_ray(config, run_dir)
     outcome = METHODS[fc.method](
-        np.asarray(synthetic),
-        np.asarray(real),
+        NpyRows(synthetic.filename),  # read chunk by chunk, never mapped whole
+        NpyRows(real.filename),
         units,
         fc,
         sigma,
@@ -159,7 +189,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     )
     public, private = run_dir.public(STAGE_NAME), run_dir.private(STAGE_NAME)
     outputs = {
-        "filtered": str(_write_filtered(public / "filtered.parquet", syn_ids, texts, outcome)),
+        "filtered": str(_write_filtered(public / "filtered.parquet", syn_ids, shards, outcome)),
         **_write_release(public, private, fc.method, sigma, config.privacy.unit, outcome),
     }
     report = {
@@ -169,6 +199,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         "num_clusters_source": "config" if fc.num_clusters else "auto: min(1000, candidates/50)",
         "pca_dims": outcome.clustering.pca.dim,
         "pca_explained": round(outcome.clustering.pca.explained, 4),
+        "assignment": outcome.clustering.assignment,
         "sigma": sigma,
         "sensitivity_l2": histogram.SENSITIVITY,
         "noise_multiplier": event.noise_multiplier,
@@ -278,12 +309,12 @@ class SavedRelease:
 
 
 def _write_filtered(
-    path: Path, syn_ids: pa.Table, texts: pa.ChunkedArray, outcome: FilterOutcome
+    path: Path, syn_ids: pa.Table, shards: list[Path], outcome: FilterOutcome
 ) -> Path:
     rows = pa.array(outcome.selected, pa.int64())
     table = pa.table(
         {
-            "text": texts.take(rows),
+            "text": selected_texts(shards, outcome.selected),
             "sample_id": syn_ids.column("sample_id").take(rows),
             "cluster": pa.array(outcome.clustering.synthetic_labels[outcome.selected], pa.int64()),
         }

@@ -1,0 +1,143 @@
+"""The filter's candidate assignment on a two-node local Ray cluster == the single-process path.
+
+`cluster/local.sh up --workers 2` starts a head with 0 CPUs and two 1-CPU worker nodes (as
+``test_multinode`` does, without the dashboard).  A driver process joins it and runs
+``core.cluster_filter`` on small candidate and real ``.npy`` files three times with the same seed
+and noise generator: ``filter.distributed: true`` (Ray tasks over chunk ranges, SPREAD over the
+nodes, each reading its range from the shared files), ``false`` (the chunk loop in the driver)
+and ``auto`` (which must pick Ray here: two nodes with CPUs).  The filtered sets, labels and
+votes must be identical, and the tasks must have run on both nodes.  `local.sh down` runs in a
+finally and must leave no process of the sessions it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_filter import REAL_WEIGHTS, SYNTH_WEIGHTS, K, mixture
+from tests.test_local_cluster import read_state, session_pids, short_state_dir
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SH = REPO / "cluster" / "local.sh"
+CHUNK = 250  # 3000 candidates: 12 tasks
+
+pytestmark = pytest.mark.slow  # three Ray nodes start and stop: more than 10 s
+
+
+def driver(data_dir: str, out_path: str) -> None:
+    """Run in a subprocess joined to the cluster (``RAY_ADDRESS``): the three runs, to JSON."""
+    import ray
+
+    from dpray.config import FilterConfig
+    from dpray.stages.filter import core
+    from dpray.stages.filter.rows import NpyRows
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    synthetic = NpyRows(Path(data_dir) / "synthetic.npy")
+    real = NpyRows(Path(data_dir) / "real.npy")
+    units = np.arange(len(real))
+    runs = {}
+    for setting in (True, False, "auto"):
+        fc = FilterConfig(
+            num_clusters=K, target_size=400, sigma=3.0, chunk_size=CHUNK, distributed=setting
+        )
+        out = core.cluster_filter(synthetic, real, units, fc, 3.0, np.random.default_rng(11))
+        runs[str(setting)] = {
+            "selected": out.selected.tolist(),
+            "labels": out.clustering.synthetic_labels.tolist(),
+            "exact": out.exact.tolist(),
+            "assignment": out.clustering.assignment,
+        }
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    runs["worker_nodes"] = len(nodes)
+    Path(out_path).write_text(json.dumps(runs))
+    ray.shutdown()
+
+
+def test_distributed_assignment_on_two_nodes_equals_the_local_path(tmp_path):
+    synthetic, _ = mixture(3000, SYNTH_WEIGHTS, seed=31)
+    real, _ = mixture(600, REAL_WEIGHTS, seed=32)
+    np.save(tmp_path / "synthetic.npy", synthetic)
+    np.save(tmp_path / "real.npy", real)
+    state_dir = short_state_dir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    env.update(
+        PYTHON=sys.executable,
+        DPRAY_LOCAL_RAY_DIR=str(state_dir),
+        DPRAY_LOCAL_WORKER_CPUS="1",
+        DPRAY_LOCAL_OBJECT_STORE_BYTES=str(128 * 1024**2),
+        DPRAY_LOCAL_DASHBOARD="false",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+
+    def local(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(LOCAL_SH), *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    state: dict = {}
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    try:
+        up = local("up", "--workers", "2")
+        timings["up"] = time.monotonic() - start
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = read_state(state_dir / "local.state")
+        client_env = env | {
+            "RAY_ADDRESS": state["RAY_LOCAL_GCS"],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(state_dir / "auth_token"),
+            "PYTHONPATH": str(REPO),  # the workers import dpray through the driver's sys.path
+        }
+        out = tmp_path / "runs.json"
+        code = (
+            "from tests.test_filter_multinode import driver; "
+            f"driver({str(tmp_path)!r}, {str(out)!r})"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=client_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        timings["driver"] = time.monotonic() - start - timings["up"]
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    finally:
+        lap = time.monotonic()
+        down = local("down")
+        timings["down"] = time.monotonic() - lap
+        sids = [state.get("RAY_LOCAL_SID"), *state.get("RAY_LOCAL_NODE_SIDS", "").split()]
+        leftover = [pid for sid in sids if sid for pid in session_pids(sid)]
+        shutil.rmtree(state_dir, ignore_errors=True)
+        print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert leftover == [], f"left running: {leftover}"
+
+    runs = json.loads(out.read_text())
+    assert runs["worker_nodes"] == 2
+    ray_run, local_run, auto_run = runs["True"], runs["False"], runs["auto"]
+    assert ray_run["assignment"] == {"mode": "ray", "tasks": 12, "nodes": 2}
+    assert local_run["assignment"] == {"mode": "local", "chunks": 12}
+    assert auto_run["assignment"]["mode"] == "ray"  # auto: two nodes with CPUs, 12 chunks
+    for other in (ray_run, auto_run):
+        assert other["labels"] == local_run["labels"]
+        assert other["exact"] == local_run["exact"]
+        assert other["selected"] == local_run["selected"]
+    assert len(set(local_run["selected"])) == 400
