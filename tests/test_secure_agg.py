@@ -347,7 +347,7 @@ def test_distributed_helpers_single_process_gloo():
 
 def test_benchmark_encode_smoke():
     timings = agg.benchmark_encode(dim=5000, num_workers=3, repeats=1)
-    assert {"rotate", "quantize", "noise", "mask", "encode"} <= set(timings)
+    assert {"rotate", "quantize", "noise", "mask", "encode", "offset", "decode"} <= set(timings)
     assert all(v >= 0 for v in timings.values())
 
 

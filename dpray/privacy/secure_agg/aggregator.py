@@ -357,8 +357,10 @@ def benchmark_encode(
     """Median wall-clock milliseconds of each encode stage for one worker.
 
     Stages: ``rotate`` (sign flip + Hadamard), ``quantize`` (scale + stochastic rounding),
-    ``noise`` (Skellam share), ``mask`` (ChaCha20 masks for ``num_workers - 1`` peers) and
-    ``encode`` (everything, as one call).  ``noise=False`` times the noise-free encode.
+    ``noise`` (Skellam share), ``mask`` (ChaCha20 masks for ``num_workers - 1`` peers),
+    ``encode`` (everything, as one call), and the split a training step uses: ``offset`` (the
+    data-independent part, drawn on the side thread), ``encode_with_offset`` and ``decode`` (on
+    the step's critical path).  ``noise=False`` times the noise-free encode.
     """
     torch.manual_seed(0)
     x = torch.randn(dim, dtype=torch.float64)
@@ -383,6 +385,8 @@ def benchmark_encode(
         return statistics.median(samples)
 
     rotated = rotate(x, cfg.rotation_seed)
+    offset = data_independent_offset(cfg, 0, 9, seeds, gen)
+    payload = encode_with_offset(x, cfg, offset.clone(), gen)
     return {
         "dim": float(dim),
         "padded_dim": float(big_d),
@@ -391,9 +395,18 @@ def benchmark_encode(
         "noise": timed(lambda: skellam_noise(big_d, cfg.share_lambda, gen)) if noise else 0.0,
         "mask": timed(lambda: worker_mask(0, seeds, 7, big_d, cfg.bits)),
         "encode": timed(lambda: encode(x, cfg, 0, 7, seeds, gen)),
+        "offset": timed(lambda: data_independent_offset(cfg, 0, 8, seeds, gen)),
+        "encode_with_offset": timed(lambda: encode_with_offset(x, cfg, offset.clone(), gen)),
+        "decode": timed(lambda: decode(payload, cfg)),
     }
 
 
-if __name__ == "__main__":  # python -m dpray.privacy.secure_agg.aggregator
+if __name__ == "__main__":  # python -m dpray.privacy.secure_agg.aggregator [DIM [WORKERS]]
+    import sys
+
+    torch.set_num_threads(1)  # as each of two training workers on a 2-core machine
+    args = [int(a) for a in sys.argv[1:3]]
+    dim, workers = (args + [1_000_000, 4][len(args) :])[:2]
     for with_noise in (False, True):
-        print(f"noise={with_noise}:", benchmark_encode(noise=with_noise))
+        timings = benchmark_encode(dim, workers, noise=with_noise)
+        print(f"noise={with_noise}:", {k: round(v, 1) for k, v in timings.items()})

@@ -8,7 +8,7 @@ whoever can predict a share can subtract it from the aggregate.  A Mersenne Twis
 output is indistinguishable from uniform to anyone without the key, and the key never leaves the
 object (it is not logged, pickled or checkpointed).
 
-On top of the uniform words it draws, vectorised over whole tensors:
+On top of the uniform words it draws, vectorised (numpy, over cache-sized chunks):
 
 * uniforms in the open interval (0, 1) (53 random bits each);
 * Poisson(λ) by Hörmann's transformed rejection with squeeze (PTRS, 1993; what numpy and torch
