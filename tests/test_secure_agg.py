@@ -474,3 +474,20 @@ def test_decode_signed_residue_matches_the_where_form():
     kept = total.clone()
     torch.testing.assert_close(agg.decode(total, cfg), expected, rtol=1e-12, atol=1e-6)
     assert torch.equal(total, kept)  # the all-reduce result is not modified
+
+
+def test_keystream_in_slices_is_the_one_shot_keystream():
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from dpray.privacy.secure_agg.csprng import keystream_into
+
+    def encryptor():
+        nonce = struct.pack("<IQ4s", 0, 3, b"test")
+        return Cipher(algorithms.ChaCha20(bytes(range(32)), nonce), mode=None).encryptor()
+
+    n = (1 << 20) // 8 * 2 + 3  # words: two full 1 MiB slices and a partial one
+    sliced = np.empty(n, dtype="<u8")
+    keystream_into(encryptor(), sliced)
+    assert sliced.tobytes() == encryptor().update(bytes(8 * n))

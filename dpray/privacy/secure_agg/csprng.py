@@ -34,10 +34,30 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-__all__ = ["SecureRandom"]
+__all__ = ["SecureRandom", "keystream_into"]
 
+_ZERO_BLOCK = bytes(1 << 20)  # ChaCha20 keystream = encryption of zeros, 1 MiB at a time
 _STIRLING_MIN = 10.0  # log k! by the Stirling series at k >= 10 (error < 1e-12)
 _SMALL_LAMBDA = 10.0  # below: inversion; at and above: PTRS
+
+
+def keystream_into(encryptor, out: np.ndarray) -> None:
+    """Fill ``out`` (a contiguous numpy array) with the next bytes of a stream cipher's keystream.
+
+    The keystream is the encryption of zeros.  They are read from one shared 1 MiB block of
+    zeros, slice by slice, rather than from a fresh ``np.zeros`` of the output's size: for a
+    large array that calloc comes from recycled heap memory and is zero-filled page by page (as
+    much work as the cipher itself), while the shared block stays in cache.  A stream cipher
+    encrypts slice by slice exactly as in one call, so the bytes are the same.
+    """
+    view = memoryview(out).cast("B")
+    zeros = memoryview(_ZERO_BLOCK)
+    total = len(view)
+    for start in range(0, total, len(zeros)):
+        stop = min(start + len(zeros), total)
+        written = encryptor.update_into(zeros[: stop - start], view[start:stop])
+        if written != stop - start:  # a stream cipher never buffers; guard against API surprises
+            raise RuntimeError(f"ChaCha20 produced {written} bytes, expected {stop - start}")
 
 
 class SecureRandom:
@@ -76,12 +96,8 @@ class SecureRandom:
         if count == 0:
             return out
         with self._lock:
-            written = self._encryptor.update_into(
-                np.zeros(8 * count, dtype=np.uint8), memoryview(out).cast("B")
-            )
+            keystream_into(self._encryptor, out)
             self.words_drawn += count
-        if written != 8 * count:
-            raise RuntimeError(f"ChaCha20 produced {written} bytes, expected {8 * count}")
         return out
 
     def uniform(self, count: int) -> torch.Tensor:
