@@ -2,10 +2,11 @@
 
 `cluster/local.sh up --workers 2` starts a head with 0 CPUs and two 1-CPU worker nodes (as
 ``test_multinode`` does, without the dashboard).  A driver process joins it and runs
-``core.cluster_filter`` on small candidate and real ``.npy`` files three times with the same seed
-and noise generator: ``filter.distributed: true`` (Ray tasks over chunk ranges, SPREAD over the
-nodes, each reading its range from the shared files), ``false`` (the chunk loop in the driver)
-and ``auto`` (which must pick Ray here: two nodes with CPUs).  The filtered sets, labels and
+``core.cluster_filter`` on small candidate and real ``.npy`` files with the same seed and
+noise generator: ``filter.distributed: true`` (Ray tasks over chunk ranges, SPREAD over the
+nodes, each reading its range from the shared files), ``false`` (the chunk loop in the driver),
+``auto`` (which must pick Ray here: two nodes with CPUs), and ``true`` on the candidates in
+memory (chunks shipped through the object store).  The filtered sets, labels and
 votes must be identical, and the tasks must have run on both nodes.  `local.sh down` runs in a
 finally and must leave no process of the sessions it started.
 """
@@ -46,12 +47,18 @@ def driver(data_dir: str, out_path: str) -> None:
     real = NpyRows(Path(data_dir) / "real.npy")
     units = np.arange(len(real))
     runs = {}
-    for setting in (True, False, "auto"):
+    in_memory = np.load(Path(data_dir) / "synthetic.npy")  # chunks through the object store
+    for name, setting, candidates in (
+        ("ray", True, synthetic),
+        ("local", False, synthetic),
+        ("auto", "auto", synthetic),
+        ("ray_in_memory", True, in_memory),
+    ):
         fc = FilterConfig(
             num_clusters=K, target_size=400, sigma=3.0, chunk_size=CHUNK, distributed=setting
         )
-        out = core.cluster_filter(synthetic, real, units, fc, 3.0, np.random.default_rng(11))
-        runs[str(setting)] = {
+        out = core.cluster_filter(candidates, real, units, fc, 3.0, np.random.default_rng(11))
+        runs[name] = {
             "selected": out.selected.tolist(),
             "labels": out.clustering.synthetic_labels.tolist(),
             "exact": out.exact.tolist(),
@@ -132,11 +139,12 @@ def test_distributed_assignment_on_two_nodes_equals_the_local_path(tmp_path):
 
     runs = json.loads(out.read_text())
     assert runs["worker_nodes"] == 2
-    ray_run, local_run, auto_run = runs["True"], runs["False"], runs["auto"]
-    assert ray_run["assignment"] == {"mode": "ray", "tasks": 12, "nodes": 2}
+    local_run = runs["local"]
     assert local_run["assignment"] == {"mode": "local", "chunks": 12}
-    assert auto_run["assignment"]["mode"] == "ray"  # auto: two nodes with CPUs, 12 chunks
-    for other in (ray_run, auto_run):
+    assert runs["ray"]["assignment"] == {"mode": "ray", "tasks": 12, "nodes": 2}
+    assert runs["ray_in_memory"]["assignment"] == {"mode": "ray", "tasks": 12, "nodes": 2}
+    assert runs["auto"]["assignment"]["mode"] == "ray"  # auto: two nodes with CPUs, 12 chunks
+    for other in (runs["ray"], runs["auto"], runs["ray_in_memory"]):
         assert other["labels"] == local_run["labels"]
         assert other["exact"] == local_run["exact"]
         assert other["selected"] == local_run["selected"]

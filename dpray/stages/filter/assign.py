@@ -71,15 +71,20 @@ def assign_local(rows: Rows, model: Assigner, chunk_size: int = DEFAULT_CHUNK) -
 def _assign_range(source, start: int, stop: int, model: Assigner) -> tuple[np.ndarray, str]:
     """One Ray task: labels of rows ``[start, stop)`` and the node that computed them.
 
-    ``source``: an :class:`NpyRows` (pickled as its path, reopened here) or the block itself."""
+    ``source``: the candidates' ``.npy`` path and shape (opened here, on the task's node), or
+    the block itself."""
     import ray
 
-    if isinstance(source, NpyRows):
+    if isinstance(source, tuple):
+        path, shape = source
         try:
-            block = source.read(start, stop)
-        except OSError as exc:
+            rows = NpyRows(path)
+            if rows.shape != shape:
+                raise OSError("another file at this path")
+            block = rows.read(start, stop)
+        except (OSError, ValueError) as exc:
             raise OSError(
-                f"filter: {source.path} is not readable on this node ({exc.__class__.__name__}); "
+                f"filter: {path} is not readable as on the driver on this node ({exc}); "
                 "distributed assignment needs the run directory on a shared volume, or set "
                 "filter.distributed: false"
             ) from None
@@ -126,7 +131,10 @@ def assign_ray(
     for start, stop in ranges:
         if len(pending) >= in_flight:
             collect(1)
-        source = rows if isinstance(rows, NpyRows) else ray.put(rows.read(start, stop))
+        if isinstance(rows, NpyRows):
+            source = (str(rows.path.resolve()), rows.shape)
+        else:
+            source = ray.put(rows.read(start, stop))
         pending[task.remote(source, start, stop, model_ref)] = (start, stop)
     if pending:
         collect(len(pending))
