@@ -491,3 +491,43 @@ def test_keystream_in_slices_is_the_one_shot_keystream():
     sliced = np.empty(n, dtype="<u8")
     keystream_into(encryptor(), sliced)
     assert sliced.tobytes() == encryptor().update(bytes(8 * n))
+
+
+def test_scratch_is_reused_per_thread_and_slot_and_capped():
+    import threading
+
+    from dpray.privacy.secure_agg import buffers
+
+    a = buffers.scratch("t-a", 1000, np.float64)
+    assert buffers.scratch("t-a", 500, np.float64).base is a.base  # same memory, shorter view
+    assert not np.shares_memory(a, buffers.scratch("t-b", 1000, np.float64))
+    assert buffers.scratch("t-a", 1000, np.int64).dtype == np.int64  # another dtype: new array
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(x=buffers.scratch("t-a", 1000, "f8")))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(other["x"], buffers.scratch("t-a", 1000, np.float64))
+    big = buffers.MAX_SCRATCH_BYTES // 8 + 1
+    assert not np.shares_memory(
+        buffers.scratch("t-c", big, np.float64), buffers.scratch("t-c", big, np.float64)
+    )
+
+
+def test_step_outputs_survive_the_next_step():
+    """Offsets, payloads and decoded sums are fresh memory: scratch reuse never reaches them."""
+    cfg = SecureAggConfig.create(
+        dim=3000, num_workers=2, noise_multiplier=1.0, clip_norm=1.0, max_norm=4.0
+    )
+    seeds = _all_seeds(2)[0]
+    x = _unit_inputs(1, 3000, 2.0, seed=26)[0]
+    kept = []
+    for step in range(2):
+        offset = agg.data_independent_offset(cfg, 0, step, seeds, _srng(step))
+        payload = agg.encode_with_offset(x, cfg, offset.clone(), _srng(10 + step))
+        decoded = agg.decode(payload, cfg)
+        kept.append([t.clone() for t in (offset, payload, decoded)] + [offset, payload, decoded])
+    for copies_and_live in kept:
+        copies, live = copies_and_live[:3], copies_and_live[3:]
+        assert all(torch.equal(c, t) for c, t in zip(copies, live, strict=True))
+    first, second = kept[0][3:], kept[1][3:]
+    assert not any(np.shares_memory(a.numpy(), b.numpy()) for a in first for b in second)

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dpray.privacy.secure_agg.buffers import empty_buffer
 from dpray.privacy.secure_agg.csprng import SecureRandom
 from dpray.privacy.secure_agg.masks import public_key_from_private, shared_seed, worker_mask
 from dpray.privacy.secure_agg.quantize import (
@@ -64,7 +65,7 @@ from dpray.privacy.secure_agg.quantize import (
     stochastic_round,
     stochastic_round_,
 )
-from dpray.privacy.secure_agg.rotation import empty_buffer, padded_dim, rotate, unrotate
+from dpray.privacy.secure_agg.rotation import padded_dim, rotate, unrotate
 from dpray.privacy.secure_agg.skellam import max_scale_for_sampler, share_lambda, skellam_noise
 
 __all__ = [

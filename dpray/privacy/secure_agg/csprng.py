@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from dpray.privacy.secure_agg.buffers import scratch
+
 __all__ = ["SecureRandom", "keystream_into"]
 
 _ZERO_BLOCK = bytes(1 << 20)  # ChaCha20 keystream = encryption of zeros, 1 MiB at a time
@@ -91,21 +93,26 @@ class SecureRandom:
 
     def random_words(self, count: int) -> np.ndarray:
         """``count`` uniform uint64 words (the next ``8·count`` keystream bytes)."""
-        count = int(count)
-        out = np.empty(count, dtype="<u8")
-        if count == 0:
-            return out
-        with self._lock:
-            keystream_into(self._encryptor, out)
-            self.words_drawn += count
+        return self._words_into(np.empty(int(count), dtype="<u8"))
+
+    def _words_into(self, out: np.ndarray) -> np.ndarray:
+        if out.size:
+            with self._lock:
+                keystream_into(self._encryptor, out)
+                self.words_drawn += out.size
         return out
 
     def uniform(self, count: int) -> torch.Tensor:
         """``count`` float64 uniforms in the open interval (0, 1), 53 random bits each."""
         return torch.from_numpy(self._uniform(count))
 
+    def uniform_into(self, out: np.ndarray) -> np.ndarray:
+        """Fill the float64 array ``out`` with uniforms as :meth:`uniform` draws them."""
+        words = self._words_into(scratch("uniform-words", out.size, np.uint64))
+        return _words_to_uniform(words, out)
+
     def _uniform(self, count: int) -> np.ndarray:
-        return _words_to_uniform(self.random_words(count), np.empty(count))
+        return self.uniform_into(np.empty(count))
 
     # ------------------------------------------------------------------------------ Poisson
 
@@ -156,10 +163,11 @@ class SecureRandom:
         todo: np.ndarray | None = None  # None: every index (the first round)
         while todo is None or todo.size:
             m = count if todo is None else todo.size
-            u_words = self.random_words(m)  # the stream: m words for u, then m for v
-            v_words = self.random_words(m)
+            # the stream: m words for u, then m for v (temporaries: never leave this function)
+            u_words = self._words_into(scratch("ptrs-u", m, np.uint64))
+            v_words = self._words_into(scratch("ptrs-v", m, np.uint64))
             draws = out if todo is None else np.empty(m, dtype=np.int64)
-            accept = np.empty(m, dtype=bool)
+            accept = scratch("ptrs-accept", m, np.bool_)
             for start in range(0, m, _CHUNK):
                 stop = min(start + _CHUNK, m)
                 accept[start:stop] = _ptrs_chunk(

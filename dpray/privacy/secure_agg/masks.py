@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from dpray.privacy.secure_agg.buffers import scratch
 from dpray.privacy.secure_agg.csprng import keystream_into
 
 __all__ = [
@@ -85,8 +86,8 @@ def shared_seed(my_private: bytes, their_public: bytes, context: bytes) -> bytes
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
-def _keystream_u64(seed32: bytes, step: int, dim: int) -> np.ndarray:
-    """``dim`` uint64 words of ChaCha20 keystream for (seed, step), little-endian.
+def _keystream_u64(seed32: bytes, step: int, dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``dim`` uint64 words of ChaCha20 keystream for (seed, step), little-endian (into ``out``).
 
     cryptography's ChaCha20 takes a 16-byte nonce = 4-byte little-endian block counter (start at
     0) + 12-byte nonce; we use ``step`` (8 bytes) + a 4-byte domain tag.  The 32-bit counter
@@ -105,7 +106,7 @@ def _keystream_u64(seed32: bytes, step: int, dim: int) -> np.ndarray:
         raise ValueError("dim too large for one ChaCha20 stream")
     nonce = struct.pack("<IQ4s", 0, step, b"mask")
     encryptor = Cipher(algorithms.ChaCha20(bytes(seed32), nonce), mode=None).encryptor()
-    out = np.empty(dim, dtype="<u8")
+    out = np.empty(dim, dtype="<u8") if out is None else out
     keystream_into(encryptor, out)
     return out
 
@@ -138,7 +139,9 @@ def worker_mask(
         raise ValueError(f"seeds_by_peer must not contain the worker's own rank {rank}")
     acc = np.zeros(dim, dtype=np.uint64)
     for peer in sorted(seeds_by_peer):
-        words = _keystream_u64(seeds_by_peer[peer], step, dim)
+        words = _keystream_u64(
+            seeds_by_peer[peer], step, dim, scratch("mask-words", dim, np.uint64)
+        )
         if peer > rank:
             np.add(acc, words, out=acc)  # wraps mod 2^64, harmless since 2^b | 2^64
         else:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from dpray.privacy.secure_agg.buffers import empty_buffer, scratch
 from dpray.privacy.secure_agg.csprng import SecureRandom
-from dpray.privacy.secure_agg.rotation import empty_buffer, padded_dim
+from dpray.privacy.secure_agg.rotation import padded_dim
 
 __all__ = ["MAX_BITS", "stochastic_round", "stochastic_round_", "wrap_k", "choose_scale"]
 
@@ -47,13 +49,22 @@ def stochastic_round_(x: torch.Tensor, generator: SecureRandom) -> torch.Tensor:
         raise TypeError("stochastic_round_ needs a float64 tensor")
     if not isinstance(generator, SecureRandom):
         raise TypeError(f"rounding must draw from a SecureRandom, not {type(generator).__name__}")
-    floor = torch.floor(x, out=empty_buffer(x.numel(), x.dtype, x.device).view(x.shape))
+    n = x.numel()
+    floor = torch.floor(x, out=_temporary("round-floor", x))
     # exact for x >= 0 and x <= -1; for x in (-1, 0) x + 1 may round (bias < 2^-53)
     frac = x.sub_(floor)  # in [0, 1]
-    u = generator.uniform(x.numel()).view(x.shape).to(x.device)
+    u = torch.from_numpy(generator.uniform_into(scratch("round-uniform", n, np.float64)))
+    u = u.view(x.shape).to(x.device)
     floor.add_(u.lt_(frac))  # lt_ writes 1.0 where u < frac, else 0.0
-    out = empty_buffer(x.numel(), torch.int64, x.device).view(x.shape)
+    out = empty_buffer(n, torch.int64, x.device).view(x.shape)
     return out.copy_(floor)  # integral values: the cast is exact
+
+
+def _temporary(slot: str, like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor shaped like ``like`` (see :func:`~.buffers.scratch`); never returned."""
+    if like.device.type != "cpu":
+        return torch.empty_like(like)
+    return torch.from_numpy(scratch(slot, like.numel(), like.dtype)).view(like.shape)
 
 
 def wrap_k(dim: int, wrap_prob: float = 1e-6) -> float:

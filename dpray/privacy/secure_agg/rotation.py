@@ -27,10 +27,11 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import numpy as np
 import torch
 
-__all__ = ["padded_dim", "rademacher_signs", "fwht", "rotate", "unrotate", "empty_buffer"]
+from dpray.privacy.secure_agg.buffers import empty_buffer, scratch
+
+__all__ = ["padded_dim", "rademacher_signs", "fwht", "rotate", "unrotate"]
 
 # log2 of the largest dense Hadamard block used per pass.  16x16 and 32x32 blocks were the
 # fastest on the 2-core CPU this was tuned on (fewer passes vs. more flops per pass; 8x8 and
@@ -54,21 +55,6 @@ def _hadamard_block(k: int, normalized: bool) -> torch.Tensor:
     return h / math.sqrt(1 << k) if normalized else h
 
 
-def empty_buffer(n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An uninitialised 1-D tensor; on CPU backed by numpy's allocator.
-
-    Why: every encode and decode needs a few fresh D-sized buffers, and torch's CPU allocator
-    maps them page by page (for D = 2^20 float64, ~2000 page faults each: 1-5 ms, and far more
-    when the machine is under memory pressure), while numpy asks the kernel for transparent
-    huge pages.  The values are shared with the numpy array, which the tensor keeps alive.
-    """
-    if torch.device(device).type != "cpu":
-        return torch.empty(n, dtype=dtype, device=device)
-    return torch.from_numpy(
-        np.empty(n, dtype=torch.empty(0, dtype=dtype, device="cpu").numpy().dtype)
-    )
-
-
 def _block_bits(total: int) -> list[int]:
     """Split ``log2 D`` into the fewest factors of at most ``_BLOCK_LOG2`` bits, evenly."""
     count = -(-total // _BLOCK_LOG2)
@@ -89,7 +75,11 @@ def _fwht_(a: torch.Tensor, normalized: bool, gain: float = 1.0) -> torch.Tensor
     n = a.shape[0]
     if n == 1:
         return a.mul_(gain) if gain != 1.0 else a
-    src, dst = a, empty_buffer(n, a.dtype, a.device)
+    if a.device.type == "cpu":
+        other = torch.from_numpy(scratch("fwht", n, a.dtype))  # never escapes: copied back
+    else:
+        other = torch.empty_like(a)
+    src, dst = a, other
     before = 1
     for k in _block_bits(n.bit_length() - 1):
         m = 1 << k
