@@ -231,16 +231,15 @@ def data_independent_offset(
     expected = set(range(cfg.num_workers)) - {rank}
     if set(seeds_by_peer) != expected:
         raise ValueError(f"seeds_by_peer must cover exactly the ranks {sorted(expected)}")
-    low = cfg.modulus - 1
     lam = cfg.share_lambda
     if lam > 0:
-        offset = skellam_noise((cfg.padded_dim,), lam, generator).bitwise_and_(low)
+        offset = skellam_noise((cfg.padded_dim,), lam, generator)
     else:
         offset = torch.zeros(cfg.padded_dim, dtype=torch.int64)
-    if seeds_by_peer:
+    if seeds_by_peer:  # share (|.| ~ 2^41 at most) + mask (< 2^b <= 2^48) fits in an int64
         offset.add_(worker_mask(rank, seeds_by_peer, step, cfg.padded_dim, cfg.bits))
-        offset.bitwise_and_(low)
-    return offset
+    # one reduction mod 2^b at the end (two's complement: also right for negative shares)
+    return offset.bitwise_and_(cfg.modulus - 1)
 
 
 def encode_with_offset(
