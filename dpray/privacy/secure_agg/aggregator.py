@@ -53,10 +53,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpray.privacy.secure_agg.buffers import empty_buffer
+from dpray.privacy.secure_agg.buffers import scratch
 from dpray.privacy.secure_agg.csprng import SecureRandom
 from dpray.privacy.secure_agg.masks import public_key_from_private, shared_seed, worker_mask
 from dpray.privacy.secure_agg.quantize import (
@@ -251,8 +252,9 @@ def encode_with_offset(
     """Payload ``round(s·R x) + offset mod 2^b`` from a :func:`data_independent_offset`."""
     if x.dim() != 1 or x.shape[0] != cfg.dim:
         raise ValueError(f"expected a 1-D tensor of length {cfg.dim}, got {tuple(x.shape)}")
-    rotated = rotate(x.detach().to("cpu"), cfg.rotation_seed, gain=cfg.scale)
-    payload = stochastic_round_(rotated, generator)
+    work = torch.from_numpy(scratch("encode-rotated", cfg.padded_dim, np.float64))
+    rotated = rotate(x.detach().to("cpu"), cfg.rotation_seed, gain=cfg.scale, out=work)
+    payload = stochastic_round_(rotated, generator)  # consumes the scratch; payload is fresh
     return payload.add_(offset).bitwise_and_(cfg.modulus - 1)
 
 
@@ -284,7 +286,7 @@ def decode(total: torch.Tensor, cfg: SecureAggConfig) -> torch.Tensor:
         raise ValueError(f"expected an int64 tensor of length {cfg.padded_dim}")
     half = cfg.modulus // 2
     # the signed representative in [-2^(b-1), 2^(b-1)): ((v + half) mod 2^b) - half
-    v = empty_buffer(cfg.padded_dim, torch.int64)
+    v = torch.from_numpy(scratch("decode-residues", cfg.padded_dim, np.int64))  # temporary
     torch.add(total.to("cpu"), half, out=v)
     v.bitwise_and_(cfg.modulus - 1).sub_(half)
     return unrotate(v, cfg.rotation_seed, cfg.dim, gain=1.0 / cfg.scale)

@@ -138,18 +138,24 @@ def rademacher_signs(seed: int, size: int) -> torch.Tensor:
     return _signs(int(seed), int(size))
 
 
-def rotate(x: torch.Tensor, seed: int, gain: float = 1.0) -> torch.Tensor:
+def rotate(
+    x: torch.Tensor, seed: int, gain: float = 1.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``gain · H · diag(signs) · pad(x) / sqrt(D)``, float64 of length ``D = padded_dim(len(x))``.
 
     ``gain`` (e.g. the quantization scale) rides on the first Hadamard block: no extra pass.
-    ``x`` may be float32; it is widened inside the sign multiplication, without a copy.
+    ``x`` may be float32; it is widened inside the sign multiplication, without a copy.  The
+    result goes into ``out`` (contiguous float64 of length ``D`` on ``x``'s device) when given.
     """
     if x.dim() != 1:
         raise ValueError("rotate expects a 1-D tensor")
     d = x.shape[0]
     big_d = padded_dim(d)
     signs = rademacher_signs(seed, big_d).to(x.device)
-    out = empty_buffer(big_d, torch.float64, x.device)
+    if out is None:
+        out = empty_buffer(big_d, torch.float64, x.device)
+    elif out.shape != (big_d,) or out.dtype != torch.float64 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float64 tensor of length {big_d}")
     out[d:].zero_()
     torch.mul(x.detach(), signs[:d], out=out[:d])
     return _fwht_(out, normalized=True, gain=gain)
