@@ -85,22 +85,29 @@ class PCA:
 def fit_pca(x: Rows | np.ndarray, variance: float, rng: np.random.Generator) -> PCA:
     """Smallest PCA keeping ``variance`` of the (subsampled) covariance's total variance.
 
-    The covariance is accumulated in float64 over float32 chunks of the subsample (read from
-    disk chunk by chunk when ``x`` is a file), so no full or centred copy is ever made.
+    The subsample (at most 1000 x d rows, whatever n: 590 MB at d = 384) is read once, chunk
+    by chunk; mean and covariance are then accumulated in float64 over its float32 chunks, so no
+    centred copy of it is ever made.
     """
     x = as_rows(x)
     n, d = len(x), x.dim
     limit = PCA_MAX_POINTS_PER_DIM * d
     rows = np.arange(n) if n <= limit else np.sort(rng.choice(n, size=limit, replace=False))
+    sample = np.empty((len(rows), d), dtype=np.float32)
+    for start, block in zip(
+        range(0, len(rows), CHUNK), take_in_chunks(x, rows, CHUNK), strict=True
+    ):
+        sample[start : start + len(block)] = block
     total_sum = np.zeros(d)
-    for block in take_in_chunks(x, rows, CHUNK):
-        total_sum += block.sum(axis=0, dtype=np.float64)
+    for start in range(0, len(sample), CHUNK):
+        total_sum += sample[start : start + CHUNK].sum(axis=0, dtype=np.float64)
     mean = total_sum / len(rows)
     mean32 = mean.astype(np.float32)
     cov = np.zeros((d, d))
-    for block in take_in_chunks(x, rows, CHUNK):
-        centred = block - mean32
+    for start in range(0, len(sample), CHUNK):
+        centred = sample[start : start + CHUNK] - mean32
         cov += centred.T @ centred
+    del sample
     cov /= max(1, len(rows) - 1)
     eigvals, eigvecs = np.linalg.eigh(cov)
     order = np.argsort(eigvals)[::-1]
