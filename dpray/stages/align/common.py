@@ -10,6 +10,12 @@ which works the same on one machine and on a cluster with shared storage.
 A stage module provides ``build_plan`` (driver side: paths and data, plain picklable values),
 ``train(plan) -> (trainer, metrics)`` (any process: tests call it directly) and uses
 :func:`worker_loop` / :func:`fit` here to run it on Ray.
+
+On GPUs a worker builds its trainer's arguments *before* it loads a model (under ZeRO-3 the
+arguments switch on ``deepspeed.zero.Init``, so ``from_pretrained`` partitions the weights as it
+reads them instead of holding a full copy per rank), loads in the dtype :func:`model_dtype`
+picks for the device, and scores the loss before training only once the trainer has prepared
+its model (:func:`loss_before_training`): under DeepSpeed the model stays on the CPU until then.
 """
 
 from __future__ import annotations
@@ -76,6 +82,34 @@ def use_bf16(precision: str, use_gpu: bool) -> bool:
     import torch
 
     return bool(use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def model_dtype(plan: dict, trained: bool = False):
+    """The dtype a worker loads a model in: bf16 where the trainer computes in bf16, else fp32.
+
+    The trainer computes in bf16 on GPUs that support it (``precision: auto``) or when asked
+    (``precision: bf16``); on CPU, ``auto`` stays fp32, where bf16 matmuls are slow or emulated.
+    In bf16 mode a model whose weights no plain optimiser updates loads in bf16: a frozen one
+    (reward model, KL reference, the base under LoRA) or one whose fp32 master copy DeepSpeed
+    keeps.  ``trained`` weights that a torch optimiser updates directly (full fine-tuning without
+    DeepSpeed) stay fp32 under autocast: bf16 AdamW updates lose small steps.
+    """
+    import torch
+
+    s = plan["section"]
+    if not use_bf16(s["precision"], s["use_gpu"]):
+        return torch.float32
+    if not trained or s["lora"] or _deepspeed_bf16(plan.get("deepspeed")):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _deepspeed_bf16(config: dict | None) -> bool:
+    """Whether a DeepSpeed config trains in bf16 (``"auto"`` follows the trainer's bf16 flag,
+    which :func:`model_dtype` has already found on)."""
+    if config is None:
+        return False
+    return config.get("bf16", {}).get("enabled", False) in (True, "auto")
 
 
 def training_kwargs(plan: dict, output_dir: str) -> dict:
@@ -183,17 +217,21 @@ def _unpatch_print() -> None:
 
 
 def probe_loss(trainer: Any) -> float:
-    """Mean loss on the trainer's eval set, computed before training starts.
+    """Mean loss on the trainer's eval set with the model as the trainer prepared it.
 
-    ``trainer.evaluate()`` cannot do this under DeepSpeed ZeRO 0-2: before ``train()`` builds the
-    engine, transformers would start a ZeRO *inference* engine, which only ZeRO-3 supports.  The
-    model is still a plain module here, so the loss comes from the trainer's own eval batches
-    and loss function, summed over ranks.
+    Runs from :func:`loss_before_training` at ``on_train_begin``, i.e. after ``prepare``: the
+    model is the DDP wrapper or DeepSpeed engine (``trainer.model_wrapped``) on the trainer's own
+    device, where ``_prepare_inputs`` puts each batch.  Before ``prepare`` DeepSpeed leaves the
+    model on the CPU while the batches go to the GPU, and ``trainer.evaluate()`` would start a
+    ZeRO *inference* engine, which only ZeRO-3 supports.  The loss comes from the trainer's own
+    eval batches and loss function, summed over ranks.
     """
     import torch
     import torch.distributed as dist
 
-    model = trainer.model
+    if getattr(trainer, "is_deepspeed_enabled", False) and trainer.model_wrapped is trainer.model:
+        raise RuntimeError("probe_loss: DeepSpeed has not prepared the model yet (run in train())")
+    model = trainer.model_wrapped
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
@@ -214,6 +252,23 @@ def probe_loss(trainer: Any) -> float:
     if isinstance(side_metrics, dict) and "eval" in side_metrics:
         side_metrics["eval"].clear()
     return float(total[0] / total[1])
+
+
+def loss_before_training(trainer: Any) -> dict:
+    """Register a callback that runs :func:`probe_loss` when training begins (after ``prepare``).
+
+    Returns the dict the loss lands in (``"loss"``) once ``trainer.train()`` has started.
+    """
+    from transformers import TrainerCallback
+
+    result: dict = {}
+
+    class ProbeLoss(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            result["loss"] = probe_loss(trainer)
+
+    trainer.add_callback(ProbeLoss())
+    return result
 
 
 def save_trained(trainer: Any, out_dir: str | Path, metrics: dict, tokenizer: Any) -> None:
@@ -313,7 +368,9 @@ __all__ = [
     "deepspeed_config",
     "fit",
     "lora_config",
+    "loss_before_training",
     "loss_history",
+    "model_dtype",
     "probe_loss",
     "rows_of",
     "save_trained",

@@ -76,11 +76,14 @@ def _tokenizer_dir(base: Path, adapter: Path | None) -> Path:
     return base
 
 
-def load_causal_lm(spec: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_causal_lm(
+    spec: str | Path, dtype: torch.dtype = torch.float32, device: str | None = "cpu"
+):
     """``(model, tokenizer)``: the base model with the adapter (if any) merged in, in eval mode.
 
     Merged because every consumer (generation, PPO's starting policy) wants plain weights: a
-    merged forward pass costs what the base costs.
+    merged forward pass costs what the base costs.  ``device=None`` leaves the weights where
+    ``from_pretrained`` put them (a trainer moves them; under ZeRO-3 they are partitions).
     """
     from transformers import AutoModelForCausalLM
 
@@ -93,10 +96,16 @@ def load_causal_lm(spec: str | Path, dtype: torch.dtype = torch.float32, device:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    return _placed(model, device).eval(), tokenizer
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def _placed(model: Any, device: str | None) -> Any:
+    return model if device is None else model.to(device)
+
+
+def load_reward_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = "cpu"
+):
     """``(model, tokenizer)`` of a one-logit sequence-classification reward model."""
     from transformers import AutoModelForSequenceClassification
 
@@ -105,7 +114,23 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, devi
         str(path), num_labels=1, dtype=dtype, local_files_only=True
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # where the score is read
-    return model.to(device).eval(), tokenizer
+    return _placed(model, device).eval(), tokenizer
+
+
+def fp32_score_head(model: Any) -> Any:
+    """Keep a trained one-logit ``score`` head in fp32 on a bf16 backbone (same parameter names).
+
+    The head is tiny, and a bf16 weight that a torch optimiser updates loses small steps.  Its
+    input is cast to the head's dtype, so the head also runs outside autocast (PPO scores values
+    with the bare model during rollouts); a DeepSpeed engine that casts the whole model to bf16
+    (keeping its own fp32 master copy) makes the cast a no-op.
+    """
+    head = model.score
+    head.float()
+    head.register_forward_pre_hook(
+        lambda module, inputs: tuple(x.to(module.weight.dtype) for x in inputs)
+    )
+    return model
 
 
 def new_reward_model(spec: str, dtype: torch.dtype = torch.float32):
@@ -153,6 +178,7 @@ __all__ = [
     "META_FILE",
     "chat_messages",
     "chat_prompt_ids",
+    "fp32_score_head",
     "is_adapter",
     "load_causal_lm",
     "load_reward_model",

@@ -4,15 +4,22 @@ The algorithm is TRL's ``PPOTrainer`` (``trl.experimental.ppo``, TRL 1.12: TRL 1
 which is why dpray pins ``trl==1.12.*``; the pin was checked against transformers 5.24, where
 SFTTrainer, RewardTrainer and PPOTrainer all run).  Per rollout batch: the policy samples a
 response to each prompt; the reward model scores it; the per-token reward is the score at the
-end minus ``kl_coef`` times the KL to the reference; a value head (a copy of the reward model,
-trained alongside) gives GAE advantages; then ``num_ppo_epochs`` of clipped policy and value
-updates.
+end minus ``kl_coef`` times the KL to the reference; a value model (the reward model with a
+LoRA adapter on its frozen backbone and its score head trained; every weight with ``ppo.lora``
+off) gives GAE advantages; then ``num_ppo_epochs`` of clipped policy and value updates.
 
 Starting point and reference: the SFT model (``RUN_DIR/sft/model``, its adapter merged).  With
 ``ppo.lora`` (default) a fresh LoRA adapter on top of it is the policy and the same network with
 the adapter switched off is the KL reference, so no second copy is held; the trained adapter is
 merged at the end, and ``ppo/model`` is a full model (a LoRA on top of a merged SFT model could
 not be loaded from the original base alone).
+
+On GPUs: the models load in bf16 (:func:`~dpray.stages.align.common.model_dtype`) after the
+PPO arguments exist (under ZeRO-3 they switch on ``deepspeed.zero.Init``, so each rank holds
+only its partition; a LoRA SFT start policy is then merged once on the driver, because a
+partitioned weight cannot take a merge).  TRL 1.12's ``PPOTrainer`` builds its ``Accelerator``
+without the DeepSpeed plugin the arguments carry; :func:`accelerator_state` sets up accelerate's
+shared state with that plugin first, and the trainer's ``Accelerator`` reuses it.
 
 Reads ``filter/filtered.parquet``, the SFT model and the reward model.  Writes ``ppo/model`` and
 ``ppo/metrics.json`` (per step: mean score, KL, policy and value losses).
@@ -36,12 +43,14 @@ from dpray.stages.align.common import (
     base_plan,
     fit,
     lora_config,
+    model_dtype,
     rows_of,
     training_kwargs,
     worker_loop,
 )
 from dpray.stages.align.models import (
     chat_prompt_ids,
+    fp32_score_head,
     is_adapter,
     load_causal_lm,
     load_reward_model,
@@ -137,6 +146,70 @@ def _ppo_args(plan: dict, num_prompts: int):
     )
 
 
+def accelerator_state(args):
+    """accelerate's shared state for ``args``, with its DeepSpeed plugin when it has one.
+
+    TRL 1.12's ``PPOTrainer`` creates ``Accelerator(gradient_accumulation_steps=...)`` and
+    never passes ``args.deepspeed_plugin``: on GPUs the state then says DEEPSPEED with no
+    plugin and ``prepare`` dereferences ``None``; on CPU PPO silently runs plain DDP.  An
+    ``Accelerator`` created first with the plugin (and the trainer's bf16 flag as mixed
+    precision) fixes the shared state, and accelerate hands the same plugin to any later
+    ``Accelerator`` created without one -- the trainer's.
+    """
+    from accelerate import Accelerator
+
+    # TrainingArguments sets up (and resets) accelerate's shared state the first time its
+    # device is read; after that it is cached, so the state built here stays.
+    _ = args.device
+    return Accelerator(
+        deepspeed_plugin=args.deepspeed_plugin,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision="bf16" if args.bf16 else "no",
+    )
+
+
+def value_model(plan: dict):
+    """PPO's value model, initialised from the reward model.
+
+    With ``ppo.lora`` (default) its backbone is frozen in the load dtype behind a LoRA adapter
+    (fp32 weights) and only the adapter and the one-logit score head (fp32) train, so it costs
+    one frozen copy of the weights rather than weights, gradients and optimiser state of a
+    second full model.  With ``ppo.lora`` off every weight trains, as the policy's do.
+    """
+    s = plan["section"]
+    if not s["lora"]:
+        return load_reward_model(plan["reward_model"], model_dtype(plan, True), device=None)[0]
+    from peft import inject_adapter_in_model
+
+    model, _ = load_reward_model(plan["reward_model"], model_dtype(plan), device=None)
+    model = inject_adapter_in_model(lora_config(s, "SEQ_CLS"), model)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name or name.startswith("score.")
+        if "lora_" in name:
+            param.data = param.data.float()
+    return fp32_score_head(model)
+
+
+def _ppo_trainer_class():
+    """TRL's ``PPOTrainer`` whose optimiser has no empty parameter groups.
+
+    transformers splits the trainable parameters into a weight-decay and a no-decay group; with
+    LoRA policy and value models (norms frozen) the no-decay group is empty.  DeepSpeed drops
+    empty groups from the optimiser it wraps, but PPOTrainer creates its learning-rate scheduler
+    before ``prepare``, over both groups, and its first ``step()`` fails on the mismatch.
+    Dropping them here, before the scheduler exists, changes nothing else.
+    """
+    from trl.experimental.ppo import PPOTrainer
+
+    class DprayPPOTrainer(PPOTrainer):
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            return optimizer
+
+    return DprayPPOTrainer
+
+
 def _attribute_forwarding_ddp():
     from torch.nn.parallel import DistributedDataParallel
 
@@ -170,32 +243,39 @@ def patch_for_transformers5(trainer) -> None:
         trainer.is_distributed_loading_by_transformers = False
 
 
-def train(plan: dict):
-    """Run PPO in this process; returns ``(trainer, metrics, tokenizer)``."""
+def build_trainer(plan: dict):
+    """The ``PPOTrainer`` of a plan (models prepared, nothing trained) and its tokenizer."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
-    from trl.experimental.ppo import PPOTrainer
 
     s = plan["section"]
-    policy, tokenizer = load_causal_lm(plan["policy"])
-    tokenizer.padding_side = "left"  # rollouts generate from left-padded prompts
-    reward_model, _ = load_reward_model(plan["reward_model"])
-    value_model, _ = load_reward_model(plan["reward_model"])
-    reference = None if s["lora"] else load_causal_lm(plan["policy"])[0]
     prompts = rows_of(plan, "prompts")
+    args = _ppo_args(plan, len(prompts))  # first: under ZeRO-3 it turns on zero.Init
+    accelerator_state(args)
+    frozen = model_dtype(plan)
+    policy, tokenizer = load_causal_lm(plan["policy"], model_dtype(plan, True), device=None)
+    tokenizer.padding_side = "left"  # rollouts generate from left-padded prompts
+    reward_model, _ = load_reward_model(plan["reward_model"], frozen, device=None)
+    reference = None if s["lora"] else load_causal_lm(plan["policy"], frozen, device=None)[0]
     ids = [chat_prompt_ids(tokenizer, text)[-s["max_length"] :] for text in prompts]
-    trainer = PPOTrainer(
-        args=_ppo_args(plan, len(prompts)),
+    trainer = _ppo_trainer_class()(
+        args=args,
         processing_class=tokenizer,
         model=policy,
         ref_model=reference,
         reward_model=reward_model,
-        value_model=value_model,
+        value_model=value_model(plan),
         train_dataset=Dataset.from_dict({"input_ids": ids}),
         peft_config=lora_config(s, "CAUSAL_LM") if s["lora"] else None,
         callbacks=trainer_progress_callback(plan["stage"], plan.get("progress", False)),
     )
     patch_for_transformers5(trainer)
+    return trainer, tokenizer
+
+
+def train(plan: dict):
+    """Run PPO in this process; returns ``(trainer, metrics, tokenizer)``."""
+    trainer, tokenizer = build_trainer(plan)
     trainer.train()
     steps = [
         {name: float(h[key]) for key, name in STEP_KEYS.items() if key in h}
@@ -203,7 +283,7 @@ def train(plan: dict):
         if "objective/scores" in h
     ]
     metrics = {
-        "prompts": len(prompts),
+        "prompts": len(trainer.train_dataset),
         "episodes": int(trainer.args.total_episodes),
         "steps": steps,
         "world_size": int(trainer.args.world_size),
@@ -220,8 +300,32 @@ def score_trend(scores: list[float]) -> dict:
     return {"score_first": sum(scores[:k]) / k, "score_last": sum(scores[-k:]) / k}
 
 
-def finalize(out: Path, policy: str) -> None:
-    """Make ``out`` a full causal LM: merge a trained LoRA adapter into the start policy."""
+def zero_stage(plan: dict) -> int | None:
+    return (plan["deepspeed"] or {}).get("zero_optimization", {}).get("stage")
+
+
+def merge_start_policy(plan: dict, directory: Path) -> bool:
+    """Under ZeRO-3, merge a LoRA start policy into a full model in ``directory`` once, here.
+
+    Workers load under ``deepspeed.zero.Init``, where each weight is a partition that an
+    adapter merge cannot touch; merging on every rank instead would hold a full copy per rank.
+    Points ``plan["policy"]`` at the merged model; returns whether it merged.
+    """
+    if zero_stage(plan) != 3 or not is_adapter(plan["policy"]):
+        return False
+    model, tokenizer = load_causal_lm(plan["policy"])
+    shutil.rmtree(directory, ignore_errors=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    plan["policy"] = str(directory)
+    return True
+
+
+def finalize(out: Path, policy: str, spec: str | None = None) -> None:
+    """Make ``out`` a full causal LM: merge a trained LoRA adapter into the start policy.
+
+    ``spec``: the start policy as configured, recorded as the base (default ``policy``).
+    """
     if is_adapter(out):
         from peft import PeftModel
 
@@ -234,7 +338,7 @@ def finalize(out: Path, policy: str) -> None:
         shutil.copy2(out / "metrics.json", merged_dir / "metrics.json")
         shutil.rmtree(out)
         merged_dir.rename(out)
-    write_meta(out, "full", policy)
+    write_meta(out, "full", spec or policy)
 
 
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
@@ -243,8 +347,12 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     public = run_dir.public(STAGE_NAME)
     out = public / "model"
     log.info("%s: %d prompts, %d worker(s)", STAGE_NAME, len(plan["prompts"]), pc.num_workers)
+    spec = plan["policy"]
+    start = public / "start_policy"
+    merge_start_policy(plan, start)
     metrics = fit(worker_loop(train), plan, pc, run_dir, out)
-    finalize(out, plan["policy"])
+    finalize(out, plan["policy"], spec)
+    shutil.rmtree(start, ignore_errors=True)
     write_json(public / "metrics.json", metrics)
     log.info(
         "%s: mean score %.4f (first steps) -> %.4f (last steps)",
@@ -281,4 +389,15 @@ STAGE = register(
     )
 )
 
-__all__ = ["STAGE", "build_plan", "finalize", "run", "score_trend", "train"]
+__all__ = [
+    "STAGE",
+    "accelerator_state",
+    "build_plan",
+    "build_trainer",
+    "finalize",
+    "merge_start_policy",
+    "run",
+    "score_trend",
+    "train",
+    "value_model",
+]

@@ -28,13 +28,20 @@ from dpray.stages.align.common import (
     base_plan,
     fit,
     lora_config,
+    loss_before_training,
     loss_history,
-    probe_loss,
+    model_dtype,
     rows_of,
     training_kwargs,
     worker_loop,
 )
-from dpray.stages.align.models import is_adapter, merge_reward_adapter, new_reward_model, write_meta
+from dpray.stages.align.models import (
+    fp32_score_head,
+    is_adapter,
+    merge_reward_adapter,
+    new_reward_model,
+    write_meta,
+)
 from dpray.stages.base import Stage, StageResult, register
 from dpray.worker_progress import trainer_progress_callback
 
@@ -91,20 +98,28 @@ def to_dataset(rows: list[dict]):
     )
 
 
-def train(plan: dict):
-    """Train in this process; returns ``(trainer, metrics, tokenizer)``."""
+def build_trainer(plan: dict):
+    """The ``RewardTrainer`` of a plan, untrained, and its tokenizer.
+
+    The arguments come first: under ZeRO-3 they switch on ``deepspeed.zero.Init``, so
+    ``from_pretrained`` partitions the weights across ranks as it loads them.
+    """
+    import torch
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
     s = plan["section"]
-    model, tokenizer = new_reward_model(plan["model_spec"])
-    data = to_dataset(rows_of(plan))
-    probe = data.select(range(min(len(data), s["eval_examples"])))
     args = TRLRewardConfig(
         **training_kwargs(plan, tempfile.mkdtemp(prefix="dpray-reward-")),
         max_length=s["max_length"],
         center_rewards_coefficient=s["center_rewards_coefficient"],
     )
+    dtype = model_dtype(plan, trained=True)
+    model, tokenizer = new_reward_model(plan["model_spec"], dtype)
+    if dtype != torch.float32:
+        fp32_score_head(model)  # a bf16 backbone (LoRA base or DeepSpeed's); the head trains
+    data = to_dataset(rows_of(plan))
+    probe = data.select(range(min(len(data), s["eval_examples"])))
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -114,7 +129,13 @@ def train(plan: dict):
         peft_config=lora_config(s, "SEQ_CLS") if s["lora"] else None,
         callbacks=trainer_progress_callback(plan["stage"], plan.get("progress", False)),
     )
-    before = probe_loss(trainer)  # evaluate() cannot run before train() under ZeRO 0-2
+    return trainer, tokenizer
+
+
+def train(plan: dict):
+    """Train in this process; returns ``(trainer, metrics, tokenizer)``."""
+    trainer, tokenizer = build_trainer(plan)
+    before = loss_before_training(trainer)  # scored once train() has prepared the model
     result = trainer.train()
     after = trainer.evaluate()
     metrics = {
@@ -122,7 +143,7 @@ def train(plan: dict):
         "steps": int(result.global_step),
         "accuracy_after": float(after.get("eval_accuracy", float("nan"))),
         "margin_after": float(after.get("eval_margin", float("nan"))),
-        "loss_before": float(before),
+        "loss_before": float(before["loss"]),
         "loss_after": float(after["eval_loss"]),
         "train_losses": loss_history(trainer),
         "world_size": int(trainer.args.world_size),
@@ -196,4 +217,12 @@ STAGE = register(
     )
 )
 
-__all__ = ["STAGE", "build_plan", "load_preferences", "reward_model_path", "run", "train"]
+__all__ = [
+    "STAGE",
+    "build_plan",
+    "build_trainer",
+    "load_preferences",
+    "reward_model_path",
+    "run",
+    "train",
+]

@@ -29,8 +29,9 @@ from dpray.stages.align.common import (
     base_plan,
     fit,
     lora_config,
+    loss_before_training,
     loss_history,
-    probe_loss,
+    model_dtype,
     rows_of,
     training_kwargs,
     worker_loop,
@@ -104,27 +105,30 @@ def to_dataset(rows: list[dict]):
     )
 
 
-def train(plan: dict):
-    """Fine-tune in this process; returns ``(trainer, metrics, tokenizer)``."""
-    import torch
+def build_trainer(plan: dict):
+    """The ``SFTTrainer`` of a plan, untrained, and its tokenizer.
+
+    The arguments come first: under ZeRO-3 they switch on ``deepspeed.zero.Init``, so
+    ``from_pretrained`` partitions the weights across ranks as it loads them.
+    """
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     s = plan["section"]
-    tokenizer = load_tokenizer(plan["model_path"])
-    data = to_dataset(rows_of(plan))
-    probe = data.select(range(min(len(data), s["eval_examples"])))
-    model = AutoModelForCausalLM.from_pretrained(
-        plan["model_path"], dtype=torch.float32, local_files_only=True
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
     args = TRLSFTConfig(
         **training_kwargs(plan, tempfile.mkdtemp(prefix="dpray-sft-")),
         max_length=s["max_length"],
         completion_only_loss=s["completion_only_loss"],
         packing=False,
     )
+    tokenizer = load_tokenizer(plan["model_path"])
+    data = to_dataset(rows_of(plan))
+    probe = data.select(range(min(len(data), s["eval_examples"])))
+    model = AutoModelForCausalLM.from_pretrained(
+        plan["model_path"], dtype=model_dtype(plan, trained=True), local_files_only=True
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -134,13 +138,20 @@ def train(plan: dict):
         peft_config=lora_config(s, "CAUSAL_LM") if s["lora"] else None,
         callbacks=trainer_progress_callback(plan["stage"], plan.get("progress", False)),
     )
-    before = probe_loss(trainer)  # evaluate() cannot run before train() under ZeRO 0-2
+    return trainer, tokenizer
+
+
+def train(plan: dict):
+    """Fine-tune in this process; returns ``(trainer, metrics, tokenizer)``."""
+    trainer, tokenizer = build_trainer(plan)
+    before = loss_before_training(trainer)  # scored once train() has prepared the model
     result = trainer.train()
     after = trainer.evaluate()["eval_loss"]
+    data = trainer.train_dataset
     metrics = {
         "examples": len(data),
         "steps": int(result.global_step),
-        "loss_before": float(before),
+        "loss_before": float(before["loss"]),
         "loss_after": float(after),
         "train_losses": loss_history(trainer),
         "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
@@ -189,4 +200,4 @@ STAGE = register(
     )
 )
 
-__all__ = ["STAGE", "build_plan", "load_pairs", "run", "to_dataset", "train"]
+__all__ = ["STAGE", "build_plan", "build_trainer", "load_pairs", "run", "to_dataset", "train"]
