@@ -29,6 +29,7 @@ import math
 import secrets
 import struct
 import threading
+import time
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from dpray.privacy.secure_agg.buffers import scratch
 
 __all__ = ["SecureRandom", "keystream_into"]
 
-_ZERO_BLOCK = bytes(1 << 20)  # ChaCha20 keystream = encryption of zeros, 1 MiB at a time
+_ZERO_BLOCK = bytes(1 << 18)  # ChaCha20 keystream = encryption of zeros, 256 KiB at a time
 _STIRLING_MIN = 10.0  # log k! by the Stirling series at k >= 10 (error < 1e-12)
 _SMALL_LAMBDA = 10.0  # below: inversion; at and above: PTRS
 
@@ -46,16 +47,23 @@ _SMALL_LAMBDA = 10.0  # below: inversion; at and above: PTRS
 def keystream_into(encryptor, out: np.ndarray) -> None:
     """Fill ``out`` (a contiguous numpy array) with the next bytes of a stream cipher's keystream.
 
-    The keystream is the encryption of zeros.  They are read from one shared 1 MiB block of
+    The keystream is the encryption of zeros.  They are read from one shared 256 KiB block of
     zeros, slice by slice, rather than from a fresh ``np.zeros`` of the output's size: for a
     large array that calloc comes from recycled heap memory and is zero-filled page by page (as
     much work as the cipher itself), while the shared block stays in cache.  A stream cipher
     encrypts slice by slice exactly as in one call, so the bytes are the same.
+
+    ``update_into`` holds the GIL (~80 µs per slice).  Between slices the GIL is offered to other
+    threads (``time.sleep(0)``): the noise share is drawn on a side thread while the training
+    thread runs many short torch calls, each of which gives the GIL up and needs it back; a side
+    thread that never lets go makes each of them wait for Python's 5 ms switch interval.
     """
     view = memoryview(out).cast("B")
     zeros = memoryview(_ZERO_BLOCK)
     total = len(view)
     for start in range(0, total, len(zeros)):
+        if start:
+            time.sleep(0)  # lets a waiting thread take the GIL (~1 µs when none waits)
         stop = min(start + len(zeros), total)
         written = encryptor.update_into(zeros[: stop - start], view[start:stop])
         if written != stop - start:  # a stream cipher never buffers; guard against API surprises
