@@ -531,3 +531,19 @@ def test_step_outputs_survive_the_next_step():
         assert all(torch.equal(c, t) for c, t in zip(copies, live, strict=True))
     first, second = kept[0][3:], kept[1][3:]
     assert not any(np.shares_memory(a.numpy(), b.numpy()) for a in first for b in second)
+
+
+def test_aggregator_prepares_the_next_share_after_decoding():
+    from dpray.stages.train_generator.noise import SecureAggregator
+
+    dim, sigma = 4000, 0.5
+    worker = SecureAggregator(
+        dim, noise_multiplier=sigma, clip_norm=1.0, max_units_per_worker=4, session=b"s" * 16
+    )
+    x = _unit_inputs(1, dim, 2.0, seed=27)[0].float()
+    worker.prefetch(0)
+    for step in range(2):
+        noisy = worker(x, step)
+        assert set(worker._pending) == {step + 1}  # the next step's share is on its way
+        assert noisy.dtype == torch.float32 and noisy.shape == (dim,)
+        assert (noisy - x).std().item() == pytest.approx(sigma, rel=0.1)  # one worker: t = 1
