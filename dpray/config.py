@@ -309,8 +309,38 @@ class SampleConfig(Section):
         ge=1,
         description="Sampling actors (default: one per GPU, else one single-threaded actor per core).",
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per actor.")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM: GPUs per engine (tensor parallelism); each actor asks for as many.",
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="vLLM: longest prompt + response in tokens (default: the longest prompt + "
+        "max_new_tokens; short leaves the KV cache room for many sequences).",
+    )
+    vllm_batch_size: int = Field(
+        4096,
+        ge=1,
+        description="vLLM: draws handed to one generate call (whole shards; vLLM schedules them "
+        "itself).",
+    )
+    deterministic: bool = Field(
+        True,
+        description="vLLM on GPU: batch-invariant kernels (VLLM_BATCH_INVARIANT=1) and a seed "
+        "per draw, so a shard is the same again on the same GPU model and vLLM version (both in "
+        "the draw plan).  false: vLLM's fused sampler and default kernels (faster; a lost shard "
+        "is drawn anew, differently).",
+    )
+    merge_adapter: Literal["auto"] | bool = Field(
+        "auto",
+        description="vLLM: merge the generator's LoRA adapter into the base once (true) or serve "
+        "it as a LoRA request (false).  auto: merge when deterministic mode is on (vLLM "
+        "validates batch invariance on base models, not on its LoRA kernels), else a LoRA "
+        "request, as vLLM's docs serve adapters.",
+    )
     seed: int = Field(0, description="Sampling seed (with the shard plan, makes runs repeatable).")
 
 
@@ -491,6 +521,21 @@ class AnnotateConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate call (hf backend).")
+    vllm_batch_size: int = Field(
+        4096, ge=1, description="Prompts per generate call (vLLM: it schedules them itself)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM: GPUs per engine (large teachers); each actor asks for as many."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM: context length (default: the model's own)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: GPU share.")
+    deterministic: bool = Field(
+        True,
+        description="vLLM: batch-invariant kernels on GPU and a seed per prompt (as "
+        "sample.deterministic); false: vLLM's fused sampler, faster, not reproducible.",
+    )
     num_actors: int | None = Field(
         None,
         ge=0,
@@ -649,6 +694,21 @@ class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Local models: auto picks vLLM with a GPU and vllm, else transformers."
+    )
+    vllm_batch_size: int = Field(
+        4096, ge=1, description="Prompts per generate call (vLLM: it schedules them itself)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM: GPUs per engine; each actor asks for as many."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM: context length (default: the model's own)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: GPU share.")
+    deterministic: bool = Field(
+        True,
+        description="vLLM: batch-invariant kernels on GPU and a seed per prompt (as "
+        "sample.deterministic); false: vLLM's fused sampler, faster, not reproducible.",
     )
     num_actors: int | None = Field(
         None,

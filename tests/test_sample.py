@@ -254,6 +254,9 @@ def test_duplicates_removed_and_topped_up(tmp_path, generator, ray_session):
     report = read_json(run_dir.root / "sample" / "report.json")
     assert report["duplicates"] > 0 and 0 < report["duplicate_rate"] < 1
     assert report["rounds"] >= 2  # 6 draws of at most 9 texts: topped up
+    # one pool for all rounds: each actor loaded the model once, however many rounds it served
+    assert report["pool"]["rounds"] == report["rounds"]
+    assert report["pool"]["model_loads"] == report["pool"]["actors"] <= 2
 
 
 def test_resume_makes_only_the_missing_shards(tmp_path, generator, reference):

@@ -83,6 +83,11 @@ def settings_of(ac: AnnotateConfig) -> GenerationSettings:
         max_new_tokens=ac.max_new_tokens,
         batch_size=ac.batch_size,
         system_prompt=ac.system_prompt,
+        vllm_batch_size=ac.vllm_batch_size,
+        tensor_parallel_size=ac.tensor_parallel_size,
+        max_model_len=ac.max_model_len,
+        gpu_memory_utilization=ac.gpu_memory_utilization,
+        deterministic=ac.deterministic,
     )
 
 

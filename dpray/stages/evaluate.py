@@ -204,7 +204,14 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         raise ValueError(f"{STAGE_NAME}: need two of {list(ec.models)}; found {list(models)}")
     seed = derive_seed(config.seed, STAGE_NAME, ec.seed)
     settings = GenerationSettings(
-        temperature=ec.temperature, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size
+        temperature=ec.temperature,
+        max_new_tokens=ec.max_new_tokens,
+        batch_size=ec.batch_size,
+        vllm_batch_size=ec.vllm_batch_size,
+        tensor_parallel_size=ec.tensor_parallel_size,
+        max_model_len=ec.max_model_len,
+        gpu_memory_utilization=ec.gpu_memory_utilization,
+        deterministic=ec.deterministic,
     )
     log.info("%s: %d instructions, models %s", STAGE_NAME, len(instructions), list(models))
     answers = {}

