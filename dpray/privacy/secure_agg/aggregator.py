@@ -276,8 +276,13 @@ def encode(
     return encode_with_offset(x, cfg, offset, generator)
 
 
-def decode(total: torch.Tensor, cfg: SecureAggConfig) -> torch.Tensor:
-    """Noisy float64 sum ``Σ_i x_i + noise`` of length ``dim`` from the summed payloads.
+def decode(
+    total: torch.Tensor, cfg: SecureAggConfig, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Noisy sum ``Σ_i x_i + noise`` of length ``dim`` from the summed payloads, as ``dtype``.
+
+    Computed in float64 whatever ``dtype`` (the training step asks for float32: the cast rides
+    on the last pass instead of a separate copy).
 
     Accepts the raw int64 all-reduce result (reduced mod ``2^b`` here, which relies on two's
     complement: ``v & (2^b - 1) = v mod 2^b`` also for negative ``v``).
@@ -289,7 +294,7 @@ def decode(total: torch.Tensor, cfg: SecureAggConfig) -> torch.Tensor:
     v = torch.from_numpy(scratch("decode-residues", cfg.padded_dim, np.int64))  # temporary
     torch.add(total.to("cpu"), half, out=v)
     v.bitwise_and_(cfg.modulus - 1).sub_(half)
-    return unrotate(v, cfg.rotation_seed, cfg.dim, gain=1.0 / cfg.scale)
+    return unrotate(v, cfg.rotation_seed, cfg.dim, gain=1.0 / cfg.scale, dtype=dtype)
 
 
 def _sim_private_key(seed: int, rank: int) -> bytes:

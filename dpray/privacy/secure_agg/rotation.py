@@ -161,20 +161,25 @@ def rotate(
     return _fwht_(out, normalized=True, gain=gain)
 
 
-def unrotate(y: torch.Tensor, seed: int, d: int, gain: float = 1.0) -> torch.Tensor:
+def unrotate(
+    y: torch.Tensor, seed: int, d: int, gain: float = 1.0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Exact inverse of :func:`rotate` (for ``gain = 1``): ``(diag(signs) · H · y / sqrt(D))[:d]``.
 
-    float64; ``gain`` multiplies the result (rides on the first Hadamard block).  ``y`` may be
-    any real or integer dtype and is not modified.  The result is a view of the first ``d``
-    entries of a fresh length-``D`` buffer.
+    Computed in float64 and returned as ``dtype`` (a fresh tensor of length ``d``; the cast
+    rides on the last multiplication); ``gain`` multiplies the result (it rides on the first
+    Hadamard block).  ``y`` may be any real or integer dtype and is not modified.
     """
     if y.dim() != 1:
         raise ValueError("unrotate expects a 1-D tensor")
     big_d = y.shape[0]
     if big_d != padded_dim(d):
         raise ValueError(f"length {big_d} is not padded_dim({d}) = {padded_dim(d)}")
-    out = empty_buffer(big_d, torch.float64, y.device)
-    out.copy_(y)
-    _fwht_(out, normalized=True, gain=gain)
+    if y.device.type == "cpu":  # a temporary: the result is written to a fresh tensor below
+        work = torch.from_numpy(scratch("unrotate", big_d, torch.float64))
+    else:
+        work = torch.empty(big_d, dtype=torch.float64, device=y.device)
+    work.copy_(y)
+    _fwht_(work, normalized=True, gain=gain)
     signs = rademacher_signs(seed, big_d).to(y.device)
-    return out[:d].mul_(signs[:d])
+    return torch.mul(work[:d], signs[:d], out=empty_buffer(d, dtype, y.device))

@@ -120,7 +120,7 @@ class SecureAggregator:
         if self.world > 1:
             payload = payload.to(device)
             all_reduce_int64(payload, self.cfg.bits)
-        noisy = decode(payload, self.cfg).to(device=device, dtype=torch.float32)
+        noisy = decode(payload, self.cfg, dtype=torch.float32).to(device)
         # only now: drawn during encode/decode the next share would compete with them for the
         # CPU on the critical path; from here it overlaps the update and the next backward pass
         self.prefetch(step + 1)
