@@ -216,6 +216,9 @@ def test_draw_plan_records_vllm_version_gpu_and_mode(tmp_path, monkeypatch):
         "merged_adapter": True,
         "max_model_len": None,
     }
+    assert not draw_plan(config, spec(""), "vllm", "cuda", gpus=["H100"])["engine"][
+        "merged_adapter"
+    ]
     cpu = draw_plan(config, spec(), "vllm", "cpu")["engine"]
     assert cpu["gpus"] == [] and not cpu["batch_invariant"] and cpu["seeded"]
     assert "engine" not in draw_plan(config, spec(), "hf", "cpu")

@@ -339,6 +339,7 @@ class SamplingActor:
                 out["truncated"].append(completion.truncated)
             self._maybe_crash()  # after the work, before it is returned: the shard is lost
         out["text"], out["drop"] = clean_column(out["raw"], new.template, self.min_chars)
+        out["model_loads"] = self.loads  # not a column: the pool's count (one per stage run)
         return out
 
     def model_loads(self) -> int:

@@ -53,6 +53,7 @@ class SamplerPool:
         self.crash_marker = crash_marker
         self.actors: list = []
         self.rounds = 0
+        self.loads: dict[int, int] = {}  # actor index -> model loads it last reported
 
     def __enter__(self) -> SamplerPool:
         return self
@@ -102,24 +103,26 @@ class SamplerPool:
         spec_ref = ray.put(spec_dict)  # once per round: the prompts may be many
         queue = deque(self.calls(tasks))
         self._grow(len(queue), spec_dict)
-        idle = list(self.actors)
+        idle = list(range(len(self.actors)))
         pending: dict = {}
         while queue or pending:
             while queue and idle:
-                actor = idle.pop()
+                index = idle.pop()
                 rows = queue.popleft()
                 batch = {key: [row[key] for row in rows] for key in rows[0]}
-                pending[actor.draw.remote(spec_ref, batch)] = actor
+                pending[self.actors[index].draw.remote(spec_ref, batch)] = index
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                idle.append(pending.pop(ref))
-                yield ray.get(ref)
+                index = pending.pop(ref)
+                idle.append(index)
+                columns = ray.get(ref)
+                self.loads[index] = columns.pop("model_loads", 1)
+                yield columns
 
     def model_loads(self) -> int:
-        """Model loads over the pool's live actors (a restarted actor counts from 1 again)."""
-        import ray
-
-        return sum(ray.get([actor.model_loads.remote() for actor in self.actors]))
+        """Model loads the actors reported with their last results (a restarted actor counts
+        from 1 again); read from what came back, so a lost actor cannot block it."""
+        return sum(self.loads.values())
 
     def close(self) -> None:
         """Kill the actors (their GPUs and memory go back to Ray)."""

@@ -178,7 +178,8 @@ def draw_plan(
             gpus = []
         elif gpus is None:
             gpus = gpu_models()
-        plan["engine"] = engine_fingerprint(settings_for(config, 1, device), gpus)
+        settings = settings_for(config, 1, device)
+        plan["engine"] = engine_fingerprint(settings, gpus, adapter=bool(spec.adapter_dir))
     return plan
 
 
@@ -486,9 +487,11 @@ def _sample(
     parts = write_parts(out_dir, rows, sc.shard_size)
     report = _report(config, spec, backend, resources, progress, dedup, planned, n, parts)
     report["from_population"] = seeded
-    report["pool"] = {"actors": len(pool.actors), "rounds": pool.rounds}
-    if pool.actors:
-        report["pool"]["model_loads"] = pool.model_loads()
+    report["pool"] = {
+        "actors": len(pool.actors),
+        "rounds": pool.rounds,
+        "model_loads": pool.model_loads(),
+    }
     report_path = write_json(out_dir / "report.json", report)
     if n < sc.num_samples:
         raise SampleShortfallError(

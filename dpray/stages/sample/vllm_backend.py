@@ -75,9 +75,10 @@ def batch_invariant(settings: SamplingSettings, on_gpu: bool) -> bool:
     return settings.deterministic and on_gpu
 
 
-def engine_fingerprint(settings: SamplingSettings, gpus: list[str]) -> dict:
+def engine_fingerprint(settings: SamplingSettings, gpus: list[str], adapter: bool = True) -> dict:
     """What besides the sampling settings shapes a vLLM shard: the vLLM version, the GPU
-    models (``gpus``; empty on CPU), batch-invariant mode, per-request seeds, a merged adapter.
+    models (``gpus``; empty on CPU), batch-invariant mode, per-request seeds, whether the
+    generator's adapter (``adapter``: it has one) was merged.
 
     Goes into the draw plan, so shards drawn by another version, on other hardware or in
     another mode are discarded rather than mixed in as if reproducible.
@@ -87,7 +88,7 @@ def engine_fingerprint(settings: SamplingSettings, gpus: list[str]) -> dict:
         "gpus": sorted(set(gpus)),
         "batch_invariant": batch_invariant(settings, bool(gpus)),
         "seeded": settings.deterministic,
-        "merged_adapter": settings.merge_adapter,
+        "merged_adapter": settings.merge_adapter and adapter,
         "max_model_len": settings.max_model_len,
     }
 
