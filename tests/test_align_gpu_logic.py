@@ -5,8 +5,9 @@
 * PPO's ``Accelerator`` carries the DeepSpeed plugin when DeepSpeed is configured (TRL 1.12
   builds it without one), and the value model is a LoRA on a frozen backbone.
 * Under ZeRO-3 the arguments exist before ``from_pretrained`` (weights partitioned at load); the
-  loss before training is scored only after DeepSpeed prepared the model; PPO steps under
-  ZeRO-2 and ZeRO-3 -- real DeepSpeed engines on one gloo rank in a subprocess (slow).
+  loss before training is scored only after DeepSpeed prepared the model; PPO steps and saves
+  its policy under ZeRO-2 and ZeRO-3 -- real DeepSpeed engines on one gloo rank in a
+  subprocess (slow).
 """
 
 from __future__ import annotations
@@ -177,14 +178,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deepspeed_child(out_path: str) -> None:
+def _deepspeed_child(out_dir: str) -> None:
     """Runs in a fresh interpreter as rank 0 of a one-process gloo group, as on a Ray worker."""
     import torch.distributed as dist
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from dpray.models import resolve_causal_lm
     from dpray.stages.align import ppo, reward, sft
-    from dpray.stages.align.common import loss_before_training, probe_loss
+    from dpray.stages.align.common import loss_before_training, probe_loss, save_trained
     from dpray.stages.align.models import new_reward_model
 
     dist.init_process_group("gloo")
@@ -250,9 +251,10 @@ def _deepspeed_child(out_path: str) -> None:
             "ppo", deepspeed=stage, total_episodes=2, response_length=4, num_ppo_epochs=1
         )
         plan.update(policy=TINY, reward_model=str(tmp / "rm"), prompts=["hi", "there"])
-        trainer, _ = ppo.build_trainer(plan)
+        trainer, tokenizer = ppo.build_trainer(plan)
         state = trainer.accelerator.state
         trainer.train()
+        save_trained(trainer, Path(out_dir) / f"ppo{stage}", {"stage": stage}, tokenizer)
         steps = [h for h in trainer.state.log_history if "objective/scores" in h]
         out[f"ppo{stage}"] = {
             "zero_stage": state.deepspeed_plugin and state.deepspeed_plugin.zero_stage,
@@ -267,14 +269,18 @@ def _deepspeed_child(out_path: str) -> None:
                 for k in ("loss/policy_avg", "loss/value_avg", "objective/scores")
             ),
         }
-    Path(out_path).write_text(json.dumps(out))
+    (Path(out_dir) / "out.json").write_text(json.dumps(out))
 
 
 @pytest.mark.slow
 def test_deepspeed_paths_on_one_cpu_rank(tmp_path):
-    from dpray.runtime import cache_root
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "out.json"
+    from dpray.runtime import cache_root
+    from dpray.stages.align.models import is_adapter
+    from dpray.stages.align.ppo import finalize
+
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -287,14 +293,12 @@ def test_deepspeed_paths_on_one_cpu_rank(tmp_path):
         "PYTHONPATH": str(REPO),
     }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
-    code = (
-        f"from tests.test_align_gpu_logic import _deepspeed_child; _deepspeed_child({str(out)!r})"
-    )
+    code = f"from tests.test_align_gpu_logic import _deepspeed_child; _deepspeed_child({str(tmp_path)!r})"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = json.loads((tmp_path / "out.json").read_text())
 
     assert result["sft_partitioned_at_load"] and result["reward_partitioned_at_load"]
     assert result["sft_early_probe"] == "refused"
@@ -306,3 +310,12 @@ def test_deepspeed_paths_on_one_cpu_rank(tmp_path):
         assert ppo["model"] == ppo["reward_model"] == "DeepSpeedEngine"
         assert ppo["zero3_at_load"] == [stage == 3] * 3  # policy, reward model, value model
         assert ppo["steps"] == 1 and ppo["finite"]
+        # the policy saved from the engine is the trained adapter; the driver merges it
+        saved = tmp_path / f"ppo{stage}"
+        lora_b = [
+            t for k, t in load_file(saved / "adapter_model.safetensors").items() if "lora_B" in k
+        ]
+        assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero
+        finalize(saved, TINY)
+        assert not is_adapter(saved)
+        AutoModelForCausalLM.from_pretrained(saved)

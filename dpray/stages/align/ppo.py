@@ -191,13 +191,18 @@ def value_model(plan: dict):
 
 
 def _ppo_trainer_class():
-    """TRL's ``PPOTrainer`` whose optimiser has no empty parameter groups.
+    """TRL's ``PPOTrainer`` with two DeepSpeed gaps closed (both also on CPU with DeepSpeed).
 
-    transformers splits the trainable parameters into a weight-decay and a no-decay group; with
-    LoRA policy and value models (norms frozen) the no-decay group is empty.  DeepSpeed drops
-    empty groups from the optimiser it wraps, but PPOTrainer creates its learning-rate scheduler
-    before ``prepare``, over both groups, and its first ``step()`` fails on the mismatch.
-    Dropping them here, before the scheduler exists, changes nothing else.
+    * Optimiser groups: transformers splits the trainable parameters into a weight-decay and a
+      no-decay group; with LoRA policy and value models (norms frozen) the no-decay group is
+      empty.  DeepSpeed drops empty groups from the optimiser it wraps, but PPOTrainer creates
+      its learning-rate scheduler before ``prepare``, over both, and the first ``step()`` fails
+      on the mismatch.  Empty groups are dropped before the scheduler exists.
+    * Saving: PPOTrainer's ``save_model`` hands transformers the bare policy as
+      ``self.deepspeed``, which then reads the engine's config off the model config and fails.
+      Under DeepSpeed the policy's weights are taken from the engine instead (ZeRO-3: gathered
+      from the partitions on every rank, frozen ones left out for a LoRA policy) and rank 0
+      saves the policy (a LoRA adapter or a full model) with them.
     """
     from trl.experimental.ppo import PPOTrainer
 
@@ -206,6 +211,25 @@ def _ppo_trainer_class():
             optimizer = super().create_optimizer(model)
             optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
             return optimizer
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+            if not self.is_deepspeed_enabled:
+                return super().save_model(output_dir, _internal_call)
+            engine = self.model
+            if engine.zero_optimization_partition_weights():  # ZeRO-3: a collective
+                state = engine._zero3_consolidated_16bit_state_dict(
+                    exclude_frozen_parameters=self.is_peft_model
+                )
+            else:
+                state = engine.module.state_dict()
+            if self.args.should_save:
+                policy = {
+                    k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")
+                }
+                engine.module.policy.save_pretrained(
+                    output_dir or self.args.output_dir, state_dict=policy, safe_serialization=True
+                )
+            return None
 
     return DprayPPOTrainer
 
