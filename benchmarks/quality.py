@@ -329,6 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="candidates the unfiltered reference draws (default 2n)",
     )
+    parser.add_argument(
+        "--filter-draws",
+        type=int,
+        default=4,
+        help="filtered sets per strategy (the first from the run, the rest refiltered with "
+        "filter.seed=1..); the table gives their mean and spread",
+    )
     parser.add_argument("--n", type=int, default=500, help="rows per compared set")
     parser.add_argument("--private-limit", type=int, default=6000)
     parser.add_argument("--subsamples", type=int, default=3)
@@ -428,6 +435,23 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = distribution_metrics(a, b, sets, n, args.subsamples)
             floor = metrics.pop("real_floor")
             metrics["cluster_tv"] = cluster_tv(a, out["unfiltered"], sets)
+            if "filtered" in sets and args.filter_draws > 1:
+                draws = [metrics["filtered"]]
+                for seed in range(1, args.filter_draws):
+                    copy = refilter(
+                        run_dir,
+                        work / f"{ds}-{strategy}-filter{seed}",
+                        strategy_sets(strategy, base_sets),
+                        args.config,
+                        seed,
+                    )
+                    again = run_outputs(copy)["filtered"]
+                    draws.append(
+                        distribution_metrics(a, b, {"filtered": again}, n, args.subsamples)[
+                            "filtered"
+                        ]
+                    )
+                metrics["filtered_draws"] = filter_spread(draws, metrics["unfiltered"], floor)
             rows[strategy] = {
                 "seconds": seconds,
                 "epsilon": out["epsilon"],
@@ -482,6 +506,53 @@ def recorded_seconds(run_dir: Path) -> float | None:
     return float(sum(json.loads(path.read_text()).values()))
 
 
+def refilter(run_dir: Path, copy: Path, sets: list[str], config: str, seed: int) -> Path:
+    """The filter stage once more on a copy of a finished run, with ``filter.seed=seed``.
+
+    One filtered set is one draw: which candidates the resampling keeps (and the DP noise) move
+    the probe by about 0.01-0.02 at n = 500, as much as many settings differ.  The copy drops
+    the filter's ledger event (earlier events, such as private evolution's votes, stay), so each
+    draw spends what the recipe's filter spends once; a benchmark-only measurement of the
+    mechanism's spread, never a pipeline run.
+    """
+    import shutil
+
+    from dpray.privacy.ledger import Ledger
+
+    if (copy / "filter" / "filtered.parquet").exists():
+        return copy
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("filter", "report", "audit"))
+    shutil.rmtree(copy / "private" / "filter", ignore_errors=True)
+    for name in ("filter.json", "report.json"):
+        (copy / "private" / "state" / name).unlink(missing_ok=True)
+    ledger = Ledger.load(copy / "ledger.json")
+    ledger.events = [e for e in ledger.events if e.stage != "filter"]
+    ledger.save()
+    cmd = [sys.executable, "-m", "dpray", "filter", config, "--run-dir", str(copy)]
+    for item in [*sets, f"filter.seed={seed}"]:
+        cmd += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"refilter of {run_dir.name} failed (exit {done.returncode})")
+    return copy
+
+
+def filter_spread(draws: list[dict], unfiltered: dict, floor: dict) -> dict:
+    """Mean and standard deviation over filter draws of the filtered set's metrics."""
+    from dpray.stages.filter.metrics import gap_closed
+
+    out: dict = {"draws": len(draws)}
+    for key in ("probe_accuracy", "mauve", "fed", "fed_bias_corrected"):
+        values = [d[key] for d in draws]
+        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "all": values}
+    for kind in ("fed", "fed_bias_corrected"):
+        gaps = [gap_closed(unfiltered[kind], d[kind], floor[kind]) for d in draws]
+        out[f"gap_closed_{kind}"] = {"mean": float(np.mean(gaps)), "std": float(np.std(gaps))}
+    return out
+
+
 def run_outputs_unfiltered(run_dir: Path) -> dict:
     """The reference run has candidates but no DP filter."""
     import pyarrow.parquet as pq
@@ -518,6 +589,12 @@ def summary_line(row: dict, floor: dict) -> str:
                 f"{kind}: probe {m[kind]['probe_accuracy']:.3f} MAUVE {m[kind]['mauve']:.3f} "
                 f"FED {m[kind]['fed']:.3f}"
             )
+    spread = m.get("filtered_draws")
+    if spread:
+        parts.append(
+            f"over {spread['draws']} filter draws: probe {_pm(spread['probe_accuracy'])} "
+            f"MAUVE {_pm(spread['mauve'])} gap closed {spread['gap_closed_fed']['mean']:.0%}"
+        )
     gap = m.get("gap_closed_fed")
     parts.append(f"floor probe {floor['probe_accuracy']:.3f} MAUVE {floor['mauve']:.3f}")
     if gap is not None:
@@ -527,12 +604,19 @@ def summary_line(row: dict, floor: dict) -> str:
     return "; ".join(parts)
 
 
+def _pm(stat: dict, digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{value:.0%}"
 
 
 def _num(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+FIGURES = ("probe_accuracy", "mauve", "fed", "fed_bias_corrected")
 
 
 def table(figures: dict) -> str:
@@ -554,8 +638,16 @@ def table(figures: dict) -> str:
                 if kind not in m:
                     continue
                 gap = ""
+                values = {key: _num(m[kind][key]) for key in FIGURES}
                 if kind == "filtered":
                     gap = f"{_pct(m.get('gap_closed_fed'))} ({_pct(m.get('gap_closed_fed_bias_corrected'))})"
+                    spread = m.get("filtered_draws")
+                    if spread:  # mean ± sd over the filter draws
+                        values = {key: _pm(spread[key]) for key in FIGURES}
+                        gap = (
+                            f"{_pct(spread['gap_closed_fed']['mean'])} "
+                            f"({_pct(spread['gap_closed_fed_bias_corrected']['mean'])})"
+                        )
                 ended = row["ended_with_stop"].get(kind)
                 drawn = row["ended_with_stop"].get("draws") if kind == "unfiltered" else None
                 dup = row["duplicate_rate"]["filtered" if kind == "filtered" else "sampler"]
@@ -563,10 +655,7 @@ def table(figures: dict) -> str:
                     ds,
                     strategy,
                     kind,
-                    _num(m[kind]["probe_accuracy"]),
-                    _num(m[kind]["mauve"]),
-                    _num(m[kind]["fed"]),
-                    _num(m[kind]["fed_bias_corrected"]),
+                    *values.values(),
                     gap,
                     _num(m["cluster_tv"][kind]),
                     "" if drawn is None else f"{drawn:.1%}",
