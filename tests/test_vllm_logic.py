@@ -295,3 +295,49 @@ def test_pool_kept_across_rounds_only_where_the_embedding_still_fits():
     cpu_nodes = [{"Alive": True, "Resources": {"CPU": 2}}]
     hf = Resources(num_actors=2, cpus_per_actor=1, gpus_per_actor=0, threads=1, device="cpu")
     assert not pool_outlives_round(hf, between_rounds_gpu=False, nodes=cpu_nodes)
+
+
+@pytest.fixture
+def ray_with_a_gpu_node():
+    """A local Ray whose one node claims a GPU (a logical resource: nothing runs on it, torch
+    sees no CUDA, so the hf actors compute on CPU) and 6 CPUs."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    cache = Path(os.path.expanduser("~/.cache/dpray"))
+    cache.mkdir(parents=True, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix="r", dir=cache)
+    ray.init(num_cpus=6, num_gpus=1, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_private_evolution_rounds_share_one_pool_while_work_runs_between(
+    tmp_path, ray_with_a_gpu_node
+):
+    """On a GPU node (the sampling actor takes the GPU and 4 of 6 CPUs) two private-evolution
+    rounds with different prompts run on one actor that loaded its model once, and a 1-CPU
+    Ray task (what the embedding between rounds needs) still runs while the pool is up."""
+    import ray
+
+    from dpray.stages.sample.stage import rounds_pool
+    from dpray.stages.train_generator.strategies.private_evolution import generate
+    from tests.test_sample import make_generator, make_run
+
+    config, run_dir = make_run(tmp_path, make_generator(tmp_path / "gen"), shard_size=8)
+    first = GeneratorSpec.from_run_dir(run_dir)
+    with rounds_pool(config, between_rounds_gpu=True) as none:
+        assert none is None  # GPU work between rounds would wait for the pool's GPU forever
+    with rounds_pool(config, between_rounds_gpu=False) as pool:
+        assert pool is not None and pool.gpus == 1 and pool.cpus == 4
+        assert len(generate(config, run_dir, first, 16, 0, pool)) == 16
+        assert ray.get(ray.remote(num_cpus=1)(lambda: "embedded").remote(), timeout=120)
+        other = GeneratorSpec.from_dict({**first.to_dict(), "prompts": [[1, 2], [3, 4]]})
+        assert len(generate(config, run_dir, other, 16, 1, pool)) == 16
+        assert (pool.rounds, len(pool.actors), pool.model_loads()) == (2, 1, 1)
+    assert pool.actors == []  # closed with the stage
