@@ -133,6 +133,7 @@ def test_annotate_hands_vllm_its_batch_size_and_hf_its_own(fake_vllm):
 
 def test_teacher_engine_takes_tensor_parallelism_and_context_length(fake_vllm, monkeypatch):
     monkeypatch.setattr("dpray.stages.sample.backends.cuda_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda *a: (8, 0))
     settings = GenerationSettings(
         tensor_parallel_size=4, max_model_len=8192, gpu_memory_utilization=0.9
     )
@@ -155,6 +156,7 @@ def test_shards_share_one_generate_call_and_keep_their_own_seeds(fake_vllm, monk
     """Deterministic mode on a GPU: batch-invariant env before the engine starts, row i of a
     shard seeded (shard seed, i) whatever else is in the call; off: no seeds, no env."""
     monkeypatch.setattr(vllm_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda *a: (9, 0))
     sampler = VLLMSampler(spec(), SamplingSettings(max_new_tokens=8, merge_adapter=False))
     llm = fake_vllm.instances[0]
     assert llm.batch_invariant_env == "1" and llm.kwargs["enable_lora"]
@@ -170,6 +172,18 @@ def test_shards_share_one_generate_call_and_keep_their_own_seeds(fake_vllm, monk
     fast.sample_many([([[1, 2]] * 2, 5)])
     assert fake_vllm.instances[1].batch_invariant_env is None
     assert all(p.kwargs["seed"] is None for p in fake_vllm.instances[1].calls[0]["params"])
+
+
+def test_deterministic_mode_on_an_old_gpu_fails_in_one_line(fake_vllm, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(vllm_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(RuntimeError, match="compute capability 8.0 or newer; Tesla T4 is 7.5"):
+        VLLMSampler(spec(), SamplingSettings())
+    assert not fake_vllm.instances and BATCH_INVARIANT_ENV not in os.environ
+    VLLMSampler(spec(), SamplingSettings(deterministic=False))  # the fast mode still starts
 
 
 def test_merged_adapter_is_served_as_the_model_not_a_lora_request(fake_vllm, monkeypatch):

