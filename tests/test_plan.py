@@ -22,11 +22,24 @@ MANIFEST = REPO / "cluster" / "rayjob-pipeline.yaml"
 CLUSTER_CONFIGS = {"paper.yaml", "scale.yaml"}
 """Configs whose data and model live on the cluster's volume (/data): planned here with local
 stand-ins for those two FILL IN values; everything else as shipped."""
+MODEL_STAND_INS = [
+    item
+    for key in (
+        "train.model",
+        "annotate.teacher",
+        "annotate.student",
+        "sft.model",
+        "reward.model",
+        "evaluate.base_model",
+    )
+    for item in ("--set", f"{key}=packaged:smollm2")
+]
+"""The cluster configs' FILL IN model folders (/data/models/...), stood in for by the packaged
+model (plan reads config.json only)."""
 STAND_INS = [
     "--set",
     f"data.path={SHARED / 'dolly15k_rows0-6399.jsonl'}",
-    "--set",
-    "train.model=packaged:smollm2",
+    *MODEL_STAND_INS,
 ]
 COMMANDS = {"audit-sharegpt.yaml": ["--stages", "ingest"]}
 """Configs that are not `dpray run` configs, planned for the stages their header documents
@@ -91,8 +104,7 @@ def test_head_pod_memory_is_what_plan_says(manifest, tmp_path, capsys):
         tmp_path,
         "--set",
         "data.path=demo://?n=180000",
-        "--set",
-        "train.model=packaged:smollm2",
+        *MODEL_STAND_INS,
         "--cluster",
         str(manifest),
         *stages,
