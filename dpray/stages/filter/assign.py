@@ -43,7 +43,19 @@ class Assigner:
     centroids: np.ndarray  # (K, d_out) float32
 
     def project(self, block: np.ndarray) -> np.ndarray:
-        return np.matmul(np.asarray(block, dtype=np.float32) - self.mean, self.components)
+        """``(block - mean) @ components``, the product by faiss' BLAS, not numpy's.
+
+        Why: faiss runs on OpenMP threads, numpy's OpenBLAS on its own pthreads, and alternating
+        the two per chunk makes each pool spin while the other works; on 2 cores that made the
+        assignment 1.3-2.8x slower than faiss alone (one pool, as in bare faiss)."""
+        d_in, d_out = self.components.shape
+        transform = faiss.LinearTransform(d_in, d_out, False)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.components.T).ravel(), transform.A)
+        transform.is_trained = True
+        centred = np.ascontiguousarray(np.asarray(block, dtype=np.float32) - self.mean)
+        if len(centred) == 0:
+            return np.zeros((0, d_out), dtype=np.float32)
+        return transform.apply(centred)
 
     def labels(self, block: np.ndarray) -> np.ndarray:
         """Nearest centre of each row of ``block`` (original space), as int32."""

@@ -72,13 +72,20 @@ class PCA:
             centroids=np.ascontiguousarray(centroids, dtype=np.float32),
         )
 
+    def project(self, block: np.ndarray) -> np.ndarray:
+        """``(block - mean) @ components`` by numpy, in float32: how the k-means training points
+        have always been projected (k-means amplifies last-bit differences, so keeping this
+        arithmetic keeps the centres, and the filtered sets, of earlier versions)."""
+        mean = self.mean.astype(np.float32)
+        comps = self.components.astype(np.float32)
+        return np.matmul(np.asarray(block, dtype=np.float32) - mean, comps)
+
     def apply(self, x: Rows | np.ndarray) -> np.ndarray:
         """Project every row (float32, chunk by chunk: no float64 copy of the input)."""
         rows = as_rows(x)
-        model = self.assigner(np.zeros((1, self.dim), dtype=np.float32))
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for start, block in iter_chunks(rows, CHUNK):
-            out[start : start + len(block)] = model.project(block)
+            out[start : start + len(block)] = self.project(block)
         return out
 
 
@@ -161,11 +168,10 @@ def _training_points(synthetic: Rows, pca: PCA, sample: np.ndarray | None) -> np
     if sample is None:
         return pca.apply(synthetic)
     ordered = np.sort(sample)
-    model = pca.assigner(np.zeros((1, pca.dim), dtype=np.float32))
     projected = np.empty((len(ordered), pca.dim), dtype=np.float32)
     done = 0
     for block in take_in_chunks(synthetic, ordered, CHUNK):
-        projected[done : done + len(block)] = model.project(block)
+        projected[done : done + len(block)] = pca.project(block)
         done += len(block)
     return projected[np.searchsorted(ordered, sample)]
 
