@@ -34,6 +34,8 @@ class Rows(Protocol):
 
     def read(self, start: int, stop: int) -> np.ndarray: ...
 
+    def read_into(self, start: int, out: np.ndarray) -> np.ndarray: ...
+
     def take(self, rows: np.ndarray) -> np.ndarray: ...
 
 
@@ -54,6 +56,11 @@ class ArrayRows:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.array(self.array[start:stop], dtype=np.float32)
+
+    def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Rows ``[start, start + len(out))`` into the float32 buffer ``out``."""
+        out[:] = self.array[start : start + len(out)]
+        return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         return np.array(self.array[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
@@ -120,6 +127,17 @@ class NpyRows:
         if len(out):
             self._pread_into(out, start)
         return out if self.dtype == np.float32 else out.astype(np.float32)
+
+    def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Rows ``[start, start + len(out))`` into the float32 buffer ``out`` (reused across
+        chunks, so a pass over the file does not fault in a fresh buffer per chunk)."""
+        if start < 0 or start + len(out) > len(self):
+            raise ValueError("read_into() past the end of the file")
+        if self.dtype == np.float32 and out.flags.c_contiguous and len(out):
+            self._pread_into(out, start)
+        else:
+            out[:] = self.read(start, start + len(out))
+        return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at sorted, distinct indices, one read per run of consecutive indices."""
