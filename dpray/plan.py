@@ -347,11 +347,21 @@ class Ask:
         return f"{self.count} x ({self.cpus:g} CPU{gpu})"
 
 
+def vllm_gpus(stage_config) -> float:
+    """GPUs one generating actor asks for when the stage is set to vLLM: one engine spans
+    ``tensor_parallel_size`` GPUs of one node (sample, annotate and evaluate alike; see
+    ``dpray.stages.align.generate.actor_gpus``).  ``auto``/``hf`` pick their device from the
+    nodes they land on, so they ask for no GPU a plan could check."""
+    if getattr(stage_config, "backend", None) != "vllm":
+        return 0.0
+    return float(stage_config.tensor_parallel_size)
+
+
 def asks(config: DprayConfig, stages: list[str]) -> dict[str, Ask]:
     strategy = config.generator.resolved_strategy(config.train.use_gpu)
     out: dict[str, Ask] = {}
     tc, sc = config.train, config.sample
-    sample_gpus = float(sc.tensor_parallel_size) if sc.backend == "vllm" else 0.0
+    sample_gpus = vllm_gpus(sc)
     sample_count = str(sc.num_actors) if sc.num_actors else "one per GPU, else per core"
     for name in stages:
         if name == "train-generator" and strategy == "dp_finetune":
@@ -366,11 +376,11 @@ def asks(config: DprayConfig, stages: list[str]) -> dict[str, Ask]:
             c = getattr(config, name)
             ask = Ask(name, f"{c.num_workers} Ray Train worker(s)", c.cpus_per_worker or 1, 0)
             ask.gpus, ask.workers = (1.0 if c.use_gpu else 0), c.num_workers
-        elif name == "evaluate":
-            count = config.evaluate.num_actors
-            ask = Ask(name, f"{count if count is not None else 'by GPUs/cores'} actor(s)", 1, 0)
-        elif name == "annotate":
-            ask = Ask(name, "generation actor(s)", 1, 0)
+        elif name in ("annotate", "evaluate"):
+            c = getattr(config, name)
+            count = c.num_actors
+            what = f"{count} generation actor(s)" if count else "generation actors (by GPUs/cores)"
+            ask = Ask(name, what, 1, vllm_gpus(c))
         else:
             ask = Ask(name, "the driver", 0, 0)
         out[name] = ask

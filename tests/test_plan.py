@@ -164,3 +164,24 @@ def test_plan_reads_the_nodes_of_an_address(tmp_path, capsys, monkeypatch):
     assert code == EXIT_RESOURCES
     assert result["nodes"] == f"1 alive node(s) at {address}"
     assert "no alive Ray node has a GPU" in result["problems"][0]["message"]
+
+
+def test_plan_counts_the_gpus_of_a_tensor_parallel_teacher(tmp_path, capsys):
+    """A vLLM teacher with tensor_parallel_size 2 asks each annotate actor for 2 GPUs of one
+    node; the pipeline manifest's GPU nodes have 1 each, so the plan says no node fits."""
+    code, result = plan(
+        capsys,
+        REPO / "jobs" / "smoke.yaml",
+        tmp_path,
+        "--set",
+        "annotate.backend=vllm",
+        "--set",
+        "annotate.tensor_parallel_size=2",
+        "--cluster",
+        str(MANIFEST),
+    )
+    assert code == EXIT_RESOURCES
+    messages = [p["message"] for p in result["problems"]]
+    assert any("annotate asks for" in m and "2 GPU" in m for m in messages), messages
+    stage = next(s for s in result["stages"] if s["name"] == "annotate")
+    assert "2 GPU" in stage["resources"]
