@@ -8,7 +8,7 @@ process session and resource ``node_i``, all with the cluster's own auth token. 
    API; the job's driver runs on the head, which has no CPU for anything else);
 2. ``dpray run smoke.yaml --address 127.0.0.1:PORT``: the whole pipeline (reusing the job's two
    stages), during which the worker node hosting a sampling actor is stopped
-   (``local.sh stop-node``) once the first draw shard is written: Ray Data restarts the actor on
+   (``local.sh stop-node``) once the first draw shard is written: Ray restarts the actor on
    the spare node and retries its shard (``sample``'s ``max_restarts``/``max_task_retries``), the
    run still writes the requested count, and every later stage runs on the two nodes left.
 

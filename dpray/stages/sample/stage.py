@@ -566,7 +566,7 @@ STAGE = register(
     Stage(
         name=STAGE_NAME,
         run=run,
-        help="Sample N unique synthetic instructions from the DP generator (hf or vLLM, Ray Data).",
+        help="Sample N unique synthetic instructions from the DP generator (hf or vLLM, Ray actors).",
         reads="generator/generator.json, generator/adapter (public DP outputs only)",
         writes="sample/part-*.parquet (text, sample_id, seed, backend, generator), "
         "sample/report.json (counts, duplicate rate, samples/s), sample_draws/ (resumable shards)",
@@ -577,7 +577,8 @@ STAGE = register(
 )
 
 generate_shards = _generate_shards
-"""Public name of the Ray Data generation loop (private evolution draws its rounds with it)."""
+"""Public name of the generation loop over the sampling actor pool (private evolution draws its
+rounds with it)."""
 
 __all__ = [
     "STAGE",
