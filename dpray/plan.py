@@ -537,7 +537,7 @@ def estimates(config: DprayConfig, n: int | None, stages: list[str]) -> dict[str
             "(benchmarks/results/embed.json)"
         )
     sizes = {}
-    for name in ("filter", "filter_1m"):
+    for name in ("filter", "filter_1m", "filter_scale"):
         bench = _bench(name)
         if bench:
             for size, fig in bench["figures"]["sizes"].items():
@@ -592,24 +592,43 @@ def outputs(config: DprayConfig, n: int | None, data_bytes: int, stages: list[st
     return {name: out.get(name, "") for name in stages}
 
 
-def driver_memory(config: DprayConfig, n: int | None, data_bytes: int, stages: list[str]) -> dict:
-    """What the driver process holds: its imports, ingest's records, the DP filter's vectors."""
-    ingest = data_bytes * INGEST_BYTES_FACTOR / GIB if "ingest" in stages else 0.0
-    per_vector = 2900.0  # bytes per vector at the filter's peak (filter_1m.json: 3.1 GB / 1.1 M)
-    bench = _bench("filter_1m")
+REAL_VECTOR_BYTES = 6 * 384 * 4
+"""Driver bytes per real record in the DP filter: its vector, the projected copy and distances
+(real records are assigned on the driver only; their exact counts never leave it)."""
+CANDIDATE_ID_BYTES = 64
+"""Driver bytes per candidate in the DP filter: its sample id and selection bookkeeping (the
+vectors themselves stream from disk chunk by chunk, ``filter.chunk_size`` rows at a time)."""
+
+
+def filter_memory_gib(n_real: int, candidates: int) -> tuple[float, str]:
+    """The DP filter's peak on the driver: bounded by its chunk and models, not by the number of
+    candidates (:mod:`dpray.stages.filter.rows`).  The bound is the peak
+    ``python -m benchmarks.filter --scale`` measured at its largest size (10M candidates and
+    100k real: 1.0 GB), plus the real records beyond the benchmark's and every candidate's id."""
+    bounded, bench_real = 1.0 * GIB, 100_000
+    bench = _bench("filter_scale")
     if bench:
         sizes = bench["figures"]["sizes"]
         largest = max(sizes, key=int)
-        vectors = int(largest) + int(bench["config"]["real"])
-        per_vector = sizes[largest]["filter"]["peak_rss_mb"] * 2**20 / vectors
-    vectors = (n or 0) + config.sample.num_samples
-    filt = vectors * per_vector / GIB if "filter" in stages else 0.0
+        bounded = sizes[largest]["filter"]["peak_rss_mb"] * 2**20
+        bench_real = int(bench["config"]["real"])
+    total = bounded + max(0, n_real - bench_real) * REAL_VECTOR_BYTES
+    total += candidates * CANDIDATE_ID_BYTES
+    return total / GIB, f"the DP filter's {n_real} real + {candidates} streamed candidates"
+
+
+def driver_memory(config: DprayConfig, n: int | None, data_bytes: int, stages: list[str]) -> dict:
+    """What the driver process holds: its imports, ingest's records, the DP filter's peak."""
+    ingest = data_bytes * INGEST_BYTES_FACTOR / GIB if "ingest" in stages else 0.0
+    filt, what = filter_memory_gib(n or 0, config.sample.num_samples)
+    if "filter" not in stages:
+        filt = 0.0
     gib = math.ceil((DRIVER_BASE_GIB + max(ingest, filt)) * 2) / 2
     head = math.ceil(gib + HEAD_RAY_GIB)
     return {
         "gib": gib,
         "why": f"{DRIVER_BASE_GIB:g} GiB imports and tokenizer, + ingest ~{ingest:.1f} GiB "
-        f"or the DP filter's {vectors} vectors ~{filt:.1f} GiB; no model weights",
+        f"or {what} ~{filt:.1f} GiB; no model weights",
         "head_request": f"{head}Gi",
     }
 

@@ -185,3 +185,20 @@ def test_plan_counts_the_gpus_of_a_tensor_parallel_teacher(tmp_path, capsys):
     assert any("annotate asks for" in m and "2 GPU" in m for m in messages), messages
     stage = next(s for s in result["stages"] if s["name"] == "annotate")
     assert "2 GPU" in stage["resources"]
+
+
+def test_scale_job_fits_the_pipeline_head(tmp_path, capsys):
+    """jobs/scale.yaml's millions of candidates: the DP filter streams them, so its driver fits
+    the 6Gi head of cluster/rayjob-pipeline.yaml (it asked for 18Gi while it held them all)."""
+    code, result = plan(
+        capsys,
+        REPO / "jobs" / "scale.yaml",
+        tmp_path,
+        "--set",
+        "data.path=demo://?n=100000",
+        *MODEL_STAND_INS,
+        "--cluster",
+        str(MANIFEST),
+    )
+    assert code == 0, result["problems"]
+    assert float(result["driver"]["gib"]) <= 4.0
