@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,39 @@ def actor_shape(actors: int, use_gpu: bool, nodes=None):
     return fit_workers("embed", actors, nodes=nodes)
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """How an embedding pass runs: actors, each actor's shape and threads, resolved backend."""
+
+    actors: int
+    shape: object  # dpray.resources.WorkerShape
+    threads: int
+    backend: str
+    tokenizer_file: Path | None
+
+
+def pool_settings(
+    texts: int,
+    model_path: str,
+    batch_size: int,
+    num_actors: int | None,
+    use_gpu: bool,
+    backend: str,
+) -> PoolSettings:
+    """Actors for ``texts`` texts (one per CPU or GPU of the alive nodes, at most one per batch),
+    their shape, and the backend (with the traced tokenizer, for sorting by token count)."""
+    actors = num_actors or default_num_actors(use_gpu)
+    actors = max(1, min(actors, math.ceil(texts / batch_size)))
+    shape = actor_shape(actors, use_gpu)
+    backend = resolve_backend(backend, model_path, use_gpu)
+    tokenizer_file = None
+    if backend == "traced":
+        from dpray.stages.embed.traced import ensure_traced_encoder
+
+        tokenizer_file = ensure_traced_encoder(model_path).tokenizer_file
+    return PoolSettings(actors, shape, 1 if use_gpu else shape.cpus, backend, tokenizer_file)
+
+
 def embed_texts(
     texts: list[str],
     model_path: str,
@@ -185,16 +219,9 @@ def embed_texts(
 
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
-    actors = num_actors or default_num_actors(use_gpu)
-    actors = max(1, min(actors, math.ceil(len(texts) / batch_size)))
-    shape = actor_shape(actors, use_gpu)
-    threads = 1 if use_gpu else shape.cpus
-    backend = resolve_backend(backend, model_path, use_gpu)
-    tokenizer_file = None
-    if backend == "traced":
-        from dpray.stages.embed.traced import ensure_traced_encoder
-
-        tokenizer_file = ensure_traced_encoder(model_path).tokenizer_file
+    pool = pool_settings(len(texts), model_path, batch_size, num_actors, use_gpu, backend)
+    actors, shape, threads, backend = pool.actors, pool.shape, pool.threads, pool.backend
+    tokenizer_file = pool.tokenizer_file
     if sort_by_length:
         # Longest first: the costly blocks are spread over the actors while all are busy, and
         # the cheap tail evens out the finish (longest-processing-time-first scheduling).

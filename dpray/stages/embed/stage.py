@@ -20,8 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -29,8 +32,17 @@ from dpray.config import DprayConfig
 from dpray.io.readers import SourceError
 from dpray.rundir import RunDir, write_json
 from dpray.stages.base import StageResult
-from dpray.stages.embed.encode import embed_texts
-from dpray.stages.embed.store import EmbeddingCache, model_fingerprint, text_hash, write_set
+from dpray.stages.embed.digests import DigestIndex, first_unique, pack
+from dpray.stages.embed.encode import pool_settings, resolve_backend
+from dpray.stages.embed.store import EmbeddingCache, _tmp_path, model_fingerprint, text_hash
+from dpray.stages.embed.stream import (
+    CacheAppender,
+    SetWriter,
+    TextQueue,
+    encode_queues,
+    length_function,
+)
+from dpray.stages.embed.traced import ensure_traced_encoder
 
 log = logging.getLogger(__name__)
 
@@ -79,92 +91,169 @@ def _cache(run_dir: RunDir, side: str, key: str) -> EmbeddingCache:
     return EmbeddingCache(cache_root(run_dir, side) / key)
 
 
+CHUNK_ROWS = 16384
+"""Input rows read, hashed, looked up and queued (sorted) at once; also the rows per cache shard
+and per output write.  The driver holds about this many texts and vectors (~25 MB of float32 at
+384 dimensions), never every candidate; a window of 16k texts sorts as well as all of them."""
+
+
+def _synthetic_chunks(shards: list[Path], chunk_rows: int) -> Iterator[pa.Table]:
+    """(sample_id, text) of every sample shard, in shard order, ``chunk_rows`` at a time."""
+    for path in shards:
+        for batch in pq.ParquetFile(path).iter_batches(
+            batch_size=chunk_rows, columns=["sample_id", "text"]
+        ):
+            yield pa.Table.from_batches([batch])
+
+
+def _id_schema(side: str, shards: list[Path], table: pa.Table | None) -> pa.Schema:
+    """The output ids' schema: the input's id columns (types unified over shards) + text_hash."""
+    if side == "synthetic":
+        field = pa.unify_schemas(
+            [pa.schema([pq.read_schema(p).field("sample_id")]) for p in shards],
+            promote_options="default",
+        ).field("sample_id")
+        return pa.schema([field, pa.field("text_hash", pa.string())])
+    assert table is not None
+    return pa.schema(
+        [table.schema.field("id"), table.schema.field("user_id"), ("text_hash", pa.string())]
+    )
+
+
 def run(config: DprayConfig, run_dir: RunDir) -> StageResult:
-    """Embed what is not cached yet, in one Ray Data pass; write the aligned sets."""
+    """Embed what is not cached yet, in one streamed Ray Data pass; write the aligned sets."""
+    return embed_sets(config, run_dir, CHUNK_ROWS)
+
+
+def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageResult:
+    """:func:`run` with the chunk size as an argument (tests use small chunks)."""
     from dpray.models import resolve_sentence_encoder
 
     ec = config.embed
     start = time.monotonic()
     model_path = resolve_sentence_encoder(ec.model)
     key = model_fingerprint(model_path)
-    tables = {
-        "synthetic": read_synthetic(run_dir),
-        "real": read_real(run_dir, "instructions"),
-        "heldout": read_real(run_dir, "heldout"),
+    shards = sample_shards(run_dir)
+    if not shards:
+        raise SourceError(f"{run_dir.root / 'sample'}: no synthetic shards (run `dpray sample`)")
+    real = {"real": read_real(run_dir, "instructions"), "heldout": read_real(run_dir, "heldout")}
+    sides = ["synthetic", *(s for s in ("real", "heldout") if real[s] is not None)]
+    zones: dict[Path, EmbeddingCache] = {}  # real and heldout share private/'s cache
+    caches = {s: zones.setdefault(cache_root(run_dir, s), _cache(run_dir, s, key)) for s in sides}
+    # Texts to embed wait in files: synthetic ones with the public cache, real ones in private/.
+    queue_dir = {s: cache_root(run_dir, s) / key for s in sides}
+    backend = resolve_backend(ec.backend, str(model_path), ec.use_gpu)
+    tokenizer_file = None
+    if backend == "traced":
+        tokenizer_file = ensure_traced_encoder(str(model_path)).tokenizer_file
+    lengths = length_function(str(model_path), tokenizer_file)
+    queues = {
+        s: TextQueue(_tmp_path(queue_dir[s] / f"queue-{s}.parquet"), ec.batch_size, lengths)
+        for s in sides
     }
-    texts = {s: t.column("text").to_pylist() for s, t in tables.items() if t is not None}
-    hashes = {s: [text_hash(x) for x in texts[s]] for s in texts}
-    caches = {s: _cache(run_dir, s, key) for s in texts}
+    writers: dict[str, SetWriter] = {}
+    rows = dict.fromkeys(sides, 0)
+    distinct = dict.fromkeys(sides, 0)
+    try:
+        # Pass 1: read each side in chunks; write its ids; queue the texts no cache holds.
+        for side in sides:
+            table = real.get(side)
+            schema = _id_schema(side, shards, table)
+            if side == "synthetic":
+                prefix = run_dir.public("embed") / "synthetic"
+                chunks = _synthetic_chunks(shards, chunk_rows)
+            else:
+                prefix = run_dir.private("embed") / side
+                chunks = (table.slice(i, chunk_rows) for i in range(0, len(table), chunk_rows))
+            writers[side] = writer = SetWriter(prefix, schema)
+            seen = DigestIndex()  # this side's distinct texts so far
+            for chunk in chunks:
+                texts = chunk.column("text").to_pylist()
+                hashes = [text_hash(t) for t in texts]
+                ids = chunk.drop_columns(["text"]).append_column(
+                    "text_hash", pa.array(hashes, pa.string())
+                )
+                writer.write(ids.select(schema.names))
+                rows[side] += len(texts)
+                keys = pack(hashes)
+                fresh = first_unique(keys)
+                fresh = fresh[seen.lookup(keys[fresh]) < 0]
+                seen.add(keys[fresh], np.zeros(len(fresh), dtype=np.int64))
+                distinct[side] += len(fresh)
+                new = fresh[caches[side].lookup(keys[fresh]) < 0]
+                queues[side].put([hashes[i] for i in new], [texts[i] for i in new])
+            del seen
+        new_rows = {s: queues[s].rows for s in sides}
+        closed = [(queues[s].path, queues[s].close()) for s in sides]
+        prepare_seconds = time.monotonic() - start
 
-    # Everything missing from any zone's cache, embedded together (one actor pool).
-    todo: list[tuple[str, str]] = []  # (side, hash) in the order sent
-    batch_texts: list[str] = []
-    for side in texts:
-        first_text = dict(zip(hashes[side], texts[side], strict=True))
-        for digest in caches[side].missing(hashes[side]):
-            todo.append((side, digest))
-            batch_texts.append(first_text[digest])
-    encode_start = time.monotonic()
-    if batch_texts:
-        vectors = embed_texts(
-            batch_texts,
-            model_path,
-            ec.batch_size,
-            ec.num_actors,
-            ec.use_gpu,
-            backend=ec.backend,
-        )
-        for side in texts:
-            rows = [i for i, (s, _) in enumerate(todo) if s == side]
-            caches[side].add([todo[i][1] for i in rows], vectors[rows])
-    encode_seconds = time.monotonic() - encode_start
-
-    dims = {caches[s].dim() for s in texts if caches[s].dim()}
-    if len(dims) != 1:
-        raise RuntimeError(f"embed: inconsistent embedding sizes {sorted(dims)}")
-    dim = dims.pop()
-    outputs = {}
-    for side in texts:
-        vectors = caches[side].gather(hashes[side], dim)
-        table = tables[side]
-        if side == "synthetic":
-            ids = pa.table(
-                {
-                    "sample_id": table.column("sample_id"),
-                    "text_hash": pa.array(hashes[side], pa.string()),
-                }
+        # Pass 2: one streamed Ray Data pass over every queue (one actor pool start).
+        encode_start = time.monotonic()
+        appenders = {s: CacheAppender(caches[s], chunk_rows) for s in sides}
+        nodes: Counter = Counter()
+        if sum(new_rows.values()):
+            todo = sum(new_rows.values())
+            pool = pool_settings(
+                todo, str(model_path), ec.batch_size, ec.num_actors, ec.use_gpu, backend
             )
-            prefix = run_dir.public("embed") / "synthetic"
-        else:
-            ids = pa.table(
-                {
-                    "id": table.column("id"),
-                    "user_id": table.column("user_id"),
-                    "text_hash": pa.array(hashes[side], pa.string()),
-                }
+            for queue, hashes, vectors in encode_queues(
+                closed, str(model_path), ec.batch_size, pool=pool, nodes=nodes
+            ):
+                appenders[sides[queue]].add(hashes, vectors)
+            for appender in appenders.values():
+                appender.flush()
+            log.info(
+                "embed: %d texts with %d %s actor(s) on %d node(s), %d thread(s) each",
+                todo,
+                pool.actors,
+                pool.backend,
+                len(nodes),
+                pool.threads,
             )
-            prefix = run_dir.private("embed") / side
-        npy, parquet = write_set(prefix, ids, vectors)
-        outputs[f"{side}_vectors"] = str(npy)
-        outputs[f"{side}_ids"] = str(parquet)
+        for side in sides:
+            if appenders[side].rows != new_rows[side]:
+                raise RuntimeError(
+                    f"embedding returned {appenders[side].rows} of {new_rows[side]} rows"
+                )
+        encode_seconds = time.monotonic() - encode_start
 
-    new = {s: sum(1 for side, _ in todo if side == s) for s in texts}
+        # Pass 3: each side's vectors, in its rows' order, from its cache.
+        dims = {caches[s].dim() for s in sides if caches[s].dim()}
+        if len(dims) != 1:
+            raise RuntimeError(f"embed: inconsistent embedding sizes {sorted(dims)}")
+        dim = dims.pop()
+        outputs = {}
+        for side in sides:
+            npy, parquet = writers.pop(side).finish(caches[side], dim, chunk_rows)
+            outputs[f"{side}_vectors"] = str(npy)
+            outputs[f"{side}_ids"] = str(parquet)
+    finally:
+        for writer in writers.values():
+            writer.abort()
+        for queue in queues.values():
+            queue.close()
+            queue.path.unlink(missing_ok=True)
+
+    new = new_rows
     seconds = time.monotonic() - start
     public = {
         "model": ec.model,
         "model_key": key,
         "dim": int(dim),
-        "synthetic_rows": len(texts["synthetic"]),
+        "synthetic_rows": rows["synthetic"],
         "synthetic_embedded_now": new["synthetic"],
-        "synthetic_from_cache": len(set(hashes["synthetic"])) - new["synthetic"],
+        "synthetic_from_cache": distinct["synthetic"] - new["synthetic"],
         "seconds": round(seconds, 3),
     }
+    todo = sum(new.values())
     private = {
         **public,
         "embedded_now": new,
-        "rows": {s: len(texts[s]) for s in texts},
+        "rows": rows,
+        "actor_nodes": len(nodes),
+        "prepare_seconds": round(prepare_seconds, 3),
         "encode_seconds": round(encode_seconds, 3),
-        "texts_per_second": round(len(batch_texts) / encode_seconds, 1) if batch_texts else None,
+        "texts_per_second": round(todo / encode_seconds, 1) if todo else None,
     }
     outputs["report"] = str(write_json(run_dir.public("embed") / "report.json", public))
     write_json(run_dir.private("embed") / "report.json", private)

@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpray.stages.embed.digests import DigestIndex, first_unique, pack
+
 
 def text_hash(text: str) -> str:
     """Content key of a text (sha256, hex)."""
@@ -71,24 +73,32 @@ def _tmp_path(path: Path) -> Path:
 
 
 class EmbeddingCache:
-    """Append-only shards ``part-NNNNN.{npy,parquet}`` mapping text hashes to vectors."""
+    """Append-only shards ``part-NNNNN.{npy,parquet}`` mapping text hashes to vectors.
+
+    The index in memory is a :class:`~dpray.stages.embed.digests.DigestIndex` (40 bytes a
+    cached text, not a dict of hex strings), and every method works on a chunk of hashes at a
+    time, so the embed stage can stream ten million candidates through it.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self._index: dict[str, tuple[int, int]] | None = None
+        self._index: DigestIndex | None = None
+        self._shard_count = 0
 
     def _shards(self) -> list[Path]:
         return sorted(p.with_suffix("") for p in self.root.glob("part-*.parquet"))
 
-    def index(self) -> dict[str, tuple[int, int]]:
-        """hash -> (shard number, row); built once from the shards' parquet files."""
+    def index(self) -> DigestIndex:
+        """digest -> shard number << 32 | row; built once from the shards' parquet files."""
         if self._index is None:
-            self._index = {}
-            for number, shard in enumerate(self._shards()):
+            self._index = DigestIndex()
+            shards = self._shards()
+            for number, shard in enumerate(shards):
                 hashes = pq.read_table(shard.with_suffix(".parquet"), columns=["hash"])
-                for row, key in enumerate(hashes.column("hash").to_pylist()):
-                    self._index.setdefault(key, (number, row))
+                keys = pack(hashes.column("hash").to_pylist())
+                self._index.add(keys, _locations(number, len(keys)))
+            self._shard_count = len(shards)
         return self._index
 
     def dim(self) -> int | None:
@@ -98,30 +108,44 @@ class EmbeddingCache:
             return None
         return int(np.load(shards[0].with_suffix(".npy"), mmap_mode="r").shape[1])
 
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Where each packed digest is cached (shard << 32 | row), ``-1`` where it is not."""
+        return self.index().lookup(keys)
+
     def missing(self, hashes: list[str]) -> list[str]:
         """The distinct hashes not cached yet, in first-seen order."""
-        index = self.index()
-        return [key for key in dict.fromkeys(hashes) if key not in index]
+        keys = pack(hashes)
+        absent = np.flatnonzero(self.lookup(keys) < 0)
+        return [hashes[absent[i]] for i in first_unique(keys[absent])]
 
     def add(self, hashes: list[str], vectors: np.ndarray) -> None:
         """Store new vectors as one more shard."""
         if not hashes:
             return
-        number = len(self._shards())
+        index = self.index()
+        number = max(self._shard_count, len(self._shards()))  # never overwrite another's shard
         prefix = self.root / f"part-{number:05d}"
         write_set(prefix, pa.table({"hash": pa.array(hashes, pa.string())}), vectors)
-        if self._index is not None:
-            for row, key in enumerate(hashes):
-                self._index.setdefault(key, (number, row))
+        self._shard_count = number + 1
+        index.add(pack(hashes), _locations(number, len(hashes)))
+
+    def gather_into(self, keys: np.ndarray, out: np.ndarray) -> None:
+        """Copy the vectors of ``keys`` (packed digests, all cached) into ``out`` row by row."""
+        where = self.lookup(keys)
+        if len(where) and where.min() < 0:
+            raise KeyError(f"{int((where < 0).sum())} hash(es) not in the embedding cache")
+        shard_of, row_of = where >> 32, where & 0xFFFFFFFF
+        for number in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == number)
+            vectors = np.load(self.root / f"part-{number:05d}.npy", mmap_mode="r")
+            out[rows] = vectors[row_of[rows]]
 
     def gather(self, hashes: list[str], dim: int) -> np.ndarray:
         """Vectors for ``hashes`` (all cached), in order, as one float32 array."""
-        index = self.index()
-        where = np.array([index[key] for key in hashes], dtype=np.int64).reshape(-1, 2)
         out = np.empty((len(hashes), dim), dtype=np.float32)
-        shards = self._shards()
-        for number in np.unique(where[:, 0]):
-            rows = np.flatnonzero(where[:, 0] == number)
-            vectors = np.load(shards[number].with_suffix(".npy"), mmap_mode="r")
-            out[rows] = vectors[where[rows, 1]]
+        self.gather_into(pack(hashes), out)
         return out
+
+
+def _locations(shard: int, rows: int) -> np.ndarray:
+    return (np.int64(shard) << 32) | np.arange(rows, dtype=np.int64)
