@@ -11,6 +11,9 @@ on a shared machine hits every case alike and the ratios stay honest.
 * vLLM: :class:`dpray.stages.sample.vllm_backend.VLLMSampler` in the separate environment of
   ``scripts/setup_vllm_cpu.sh`` (run as a subprocess of this script; skipped when absent).
   Engine start-up is timed separately and not counted in samples/s.
+* with ``--adapter`` and ``--vllm-adapter-modes``: vLLM serving the adapter as a LoRA request
+  vs merged into the base once (``sample.merge_adapter``), both with the fused sampler,
+  alternating, each in a fresh engine: ``merged_over_lora`` says which is faster.
 
 Usage: ``python -m benchmarks.sample [--model SPEC] [--adapter DIR] [--repeats 3]``.
 Writes ``benchmarks/results/sample.json`` and prints a table.
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +124,11 @@ def run_hf(args, spec) -> dict:
     }
 
 
-def run_vllm(args, spec) -> dict:
-    """Run this script's ``--vllm-worker`` mode in the vLLM environment; parse its JSON line."""
+def run_vllm(args, spec, merge: bool | None = None) -> dict:
+    """Run this script's ``--vllm-worker`` mode in the vLLM environment; parse its JSON line.
+
+    ``merge`` (an adapter given): True merges it into the base, False serves it as a LoRA
+    request, both with vLLM's fused sampler; None keeps the backend's defaults."""
     python = Path(args.vllm_python)
     if not python.exists():
         return {"skipped": f"{python} not found (scripts/setup_vllm_cpu.sh builds it)"}
@@ -140,6 +147,8 @@ def run_vllm(args, spec) -> dict:
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if merge is not None:
+        cmd += ["--merge", "on" if merge else "off"]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     finally:
@@ -160,8 +169,11 @@ def vllm_worker(args) -> None:
     spec = GeneratorSpec.from_dict(json.loads(Path(args.vllm_worker).read_text()))
     if args.threads:  # the same cores as the hf cases (vllm-cpu binds its OpenMP threads)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+    chosen = settings(args, 32)
+    if args.merge is not None:  # the fused sampler in both modes: only the adapter differs
+        chosen = replace(chosen, merge_adapter=args.merge == "on", deterministic=False)
     start = time.perf_counter()
-    sampler = VLLMSampler(spec, settings(args, 32))
+    sampler = VLLMSampler(spec, chosen)
     startup = time.perf_counter() - start
     prompt = list(spec.prompt_ids)
     sampler.sample(prompt, 8, seed=10**6)  # warm-up
@@ -173,6 +185,7 @@ def vllm_worker(args) -> None:
         "seconds": round(seconds, 3),
         "samples_per_s": len(out) / seconds,
         "startup_s": round(startup, 1),
+        "merged_adapter": bool(spec.adapter_dir and chosen.merge_adapter),
         "vllm": next((metadata.version(d) for d in ("vllm-cpu", "vllm") if _installed(d)), None),
         "torch": metadata.version("torch"),
     }
@@ -187,6 +200,28 @@ def _installed(dist: str) -> bool:
     except metadata.PackageNotFoundError:
         return False
     return True
+
+
+def adapter_modes(args, spec) -> dict:
+    """vLLM with the adapter merged vs as a LoRA request, alternating rounds (medians)."""
+    runs: dict[str, list[dict]] = {"merged": [], "lora_request": []}
+    for _ in range(args.vllm_adapter_modes):
+        for name, merge in (("lora_request", False), ("merged", True)):
+            result = run_vllm(args, spec, merge=merge)
+            if "samples_per_s" not in result:
+                return {"failed": name, **result}
+            runs[name].append(result)
+            print(f"  vLLM {name}: {result['samples_per_s']:.2f} samples/s", flush=True)
+    out: dict = {
+        name: {
+            "samples_per_s": [r["samples_per_s"] for r in results],
+            "median": statistics.median(r["samples_per_s"] for r in results),
+            "startup_s": [r["startup_s"] for r in results],
+        }
+        for name, results in runs.items()
+    }
+    out["merged_over_lora"] = out["merged"]["median"] / out["lora_request"]["median"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,7 +240,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--vllm-python", default=str(DEFAULT_VLLM_PYTHON))
     parser.add_argument("--vllm-samples", type=int, default=128)
+    parser.add_argument(
+        "--vllm-adapter-modes",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="with --adapter: ROUNDS alternating vLLM runs with the adapter merged and as a "
+        "LoRA request (0: off)",
+    )
+    parser.add_argument("--name", default="sample", help="result file name")
     parser.add_argument("--vllm-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--merge", choices=("on", "off"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.vllm_worker:
         vllm_worker(args)
@@ -238,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     figures["vllm"] = vllm
     if "samples_per_s" in vllm:
         figures["vllm_vs_best_hf"] = vllm["samples_per_s"] / best_hf
+    if args.vllm_adapter_modes and args.adapter and args.vllm == "auto":
+        figures["vllm_adapter"] = adapter_modes(args, spec)
     config = {
         "model": spec.base_model,
         "adapter": args.adapter,
@@ -248,11 +295,12 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "naive_prompts": args.naive_prompts,
         "vllm_samples": args.vllm_samples,
+        "vllm_adapter_modes": args.vllm_adapter_modes,
         "threads": torch.get_num_threads(),
         # Other work on the machine skews absolute figures (less so the interleaved ratios).
         "loadavg_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
     }
-    path = write_result("sample", figures, config)
+    path = write_result(args.name, figures, config)
     rows = [
         ("naive loop", f"{naive:.2f} samples/s"),
         (
@@ -276,6 +324,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         rows.append(("vLLM", json.dumps({k: v for k, v in vllm.items() if k != "stderr_tail"})))
+    modes = figures.get("vllm_adapter")
+    if modes and "merged_over_lora" in modes:
+        rows.append(
+            (
+                "vLLM adapter merged vs LoRA request",
+                f"{modes['merged']['median']:.2f} vs {modes['lora_request']['median']:.2f} "
+                f"samples/s ({modes['merged_over_lora']:.2f}x)",
+            )
+        )
     print_table("sampling throughput (median of interleaved runs)", rows)
     print(f"\nwrote {path.relative_to(REPO)}")
 

