@@ -167,6 +167,9 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
                 chunks = (table.slice(i, chunk_rows) for i in range(0, len(table), chunk_rows))
             writers[side] = writer = SetWriter(prefix, schema)
             seen = DigestIndex()  # this side's distinct texts so far
+            # Cache misses gather across input chunks (small sample shards too) into windows
+            # of chunk_rows, each sorted once: wider windows pad less.
+            window: tuple[list[str], list[str]] = ([], [])
             for chunk in chunks:
                 texts = chunk.column("text").to_pylist()
                 hashes = [text_hash(t) for t in texts]
@@ -181,8 +184,13 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
                 seen.add(keys[fresh], np.zeros(len(fresh), dtype=np.int64))
                 distinct[side] += len(fresh)
                 new = fresh[caches[side].lookup(keys[fresh]) < 0]
-                queues[side].put([hashes[i] for i in new], [texts[i] for i in new])
-            del seen
+                window[0].extend(hashes[i] for i in new)
+                window[1].extend(texts[i] for i in new)
+                if len(window[0]) >= chunk_rows:
+                    queues[side].put(window[0][:chunk_rows], window[1][:chunk_rows])
+                    del window[0][:chunk_rows], window[1][:chunk_rows]
+            queues[side].put(*window)
+            del seen, window
         new_rows = {s: queues[s].rows for s in sides}
         closed = [(queues[s].path, queues[s].close()) for s in sides]
         prepare_seconds = time.monotonic() - start
