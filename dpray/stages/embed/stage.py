@@ -10,9 +10,14 @@ Reads the synthetic candidates ``RUN_DIR/sample/*.parquet`` (text, sample_id) an
   (id, user_id, text_hash); no text, and nothing of it outside ``private/``;
 * ``embed/report.json`` (synthetic counts and speed only) and ``private/embed/report.json``.
 
-Every missing vector of all three sets is computed in one Ray Data pass (one actor pool start),
-then stored in the content-hash cache of its zone (``embed_cache/``, ``private/embed_cache/``), so
-a rerun embeds only new texts.
+Every missing vector of all three sets is computed in one Ray Data pass (one actor pool start)
+and stored in the content-hash cache of its zone (``embed_cache/``, ``private/embed_cache/``), so
+a rerun embeds only new texts.  Out of core (:mod:`~dpray.stages.embed.stream`): each side is read
+:data:`CHUNK_ROWS` rows at a time, its ids written as they come, its cache misses queued on disk
+(the synthetic queue with the public cache, the real ones under ``private/``, both deleted at the
+end); the actors read their batches from the queues and the vectors stream back into the caches;
+each ``.npy`` is then written chunk by chunk from its cache.  The driver holds a chunk and a
+40-byte digest per distinct text, not the texts or vectors of every candidate.
 """
 
 from __future__ import annotations
