@@ -279,9 +279,25 @@ def plot(figures: dict, path: Path) -> None:
         unf = [
             rows[s]["metrics"].get("unfiltered", {}).get("probe_accuracy", np.nan) for s in names
         ]
-        fil = [rows[s]["metrics"].get("filtered", {}).get("probe_accuracy", np.nan) for s in names]
+        fil, err = [], []
+        for s in names:  # the mean and sd over the filter draws where there are several
+            m = rows[s]["metrics"]
+            draws = m.get("filtered_draws", {}).get("probe_accuracy")
+            fil.append(
+                draws["mean"] if draws else m.get("filtered", {}).get("probe_accuracy", np.nan)
+            )
+            err.append(draws["std"] if draws else 0.0)
         ax.bar(xs - 0.2, unf, 0.4, label="unfiltered", color="tab:red", alpha=0.7)
-        ax.bar(xs + 0.2, fil, 0.4, label="DP-filtered", color="tab:blue", alpha=0.8)
+        ax.bar(
+            xs + 0.2,
+            fil,
+            0.4,
+            yerr=err,
+            capsize=3,
+            label="DP-filtered (mean ± sd over filter draws)",
+            color="tab:blue",
+            alpha=0.8,
+        )
         floor = figures[ds]["real_floor"]["probe_accuracy"]
         ax.axhline(floor, color="black", ls="--", lw=1, label=f"real vs real ({floor:.2f})")
         ax.axhline(0.5, color="grey", ls=":", lw=1)

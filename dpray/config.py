@@ -211,8 +211,8 @@ class GeneratorConfig(Section):
         "prompted: the base model prompted with public prompts, no training, the whole epsilon "
         "goes to the filter; private_evolution: rounds of DP nearest-neighbour votes of the "
         "private embeddings over candidates and variations of the voted ones (Aug-PE). "
-        "auto: dp_finetune with train.use_gpu, else prompted (measured best on CPU: "
-        "benchmarks/results/quality.json).",
+        "auto: dp_finetune with train.use_gpu, else prompted (no training: the fastest on CPU; "
+        "dp_finetune measured more faithful but slower, benchmarks/results/quality.json).",
     )
     format: Literal["auto", "unconditional", "chat_user", "chat_reply"] = Field(
         "auto",
