@@ -104,14 +104,18 @@ def test_force_on_the_filter_reuses_its_release_and_spend_again_composes(tmp_pat
     spent = Ledger.load(run_dir.ledger_path).spent_epsilon
 
     # the CLI's logging setup (an earlier test may have run main()) stops "dpray" propagating
-    # to the root logger, where caplog listens: listen on "dpray" itself
+    # to the root logger, where caplog listens: then listen on "dpray" itself (only then: with
+    # propagation on, the handler on both loggers would see every record twice)
     dpray_log = logging.getLogger("dpray")
-    dpray_log.addHandler(caplog.handler)
+    listen_here = not dpray_log.propagate
+    if listen_here:
+        dpray_log.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="dpray"):
             result = run_stage(stage, config, run_dir, force=True)
     finally:
-        dpray_log.removeHandler(caplog.handler)
+        if listen_here:
+            dpray_log.removeHandler(caplog.handler)
     assert _filter_events(run_dir) == [first]  # nothing new on the ledger
     assert _noisy(run_dir) == noisy  # the outputs come from the saved release
     assert result.summary["release"] == "reused"
