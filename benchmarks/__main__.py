@@ -2,6 +2,7 @@
 
     python -m benchmarks                  # every benchmark at its default size (~15 min + quality)
     python -m benchmarks embed filter     # some of them
+    python -m benchmarks filter_scale     # 1M-10M candidates out of core (by name only)
     python -m benchmarks --quick          # tiny sizes: a smoke check of the benchmarks themselves
     python -m benchmarks --list           # what would run, with which arguments
 
@@ -80,6 +81,22 @@ BENCHMARKS: dict[str, dict] = {
             "filter growth, smallest to largest size (s)": "growth.filter",
         },
     },
+    "filter_scale": {
+        "module": "benchmarks.filter",
+        "what": "the out-of-core DP filter at 1M, 3M and 10M candidates (read from disk) vs bare "
+        "faiss, peak RSS -- ~25 GB of disk and ~25 min: run by name only",
+        "default": False,
+        "args": ["--scale"],
+        "quick": ["--scale", "--sizes", "20000,60000", "--real", "5000", "--k", "50"],
+        "timeout": 3600,
+        "headline": {
+            "filter / bare faiss, largest size (s)": "goals.filter_over_baseline_at_largest",
+            "filter peak RSS at the largest size (MB, not a ratio)": (
+                "goals.filter_peak_rss_mb_at_largest"
+            ),
+            "filter growth, smallest to largest size (s)": "growth.filter",
+        },
+    },
     "quality": {
         "module": "benchmarks.quality",
         "what": "synthetic-instruction quality per generation strategy vs held-out real "
@@ -121,6 +138,10 @@ BENCHMARKS: dict[str, dict] = {
         },
     },
 }
+
+
+BY_NAME_ONLY = [name for name, spec in BENCHMARKS.items() if not spec.get("default", True)]
+"""Benchmarks too big for the default suite (disk, time): they run when named."""
 
 
 def dig(tree: object, dotted: str) -> object:
@@ -217,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "names", nargs="*", help=f"benchmarks to run (default all: {', '.join(BENCHMARKS)})"
+        "names",
+        nargs="*",
+        help=f"benchmarks to run (default all but {', '.join(BY_NAME_ONLY)}: {', '.join(BENCHMARKS)})",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, results under quick/")
     parser.add_argument("--list", action="store_true", help="print the suite and exit")
@@ -225,13 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
-    names = args.names or list(BENCHMARKS)
+    names = args.names or [n for n in BENCHMARKS if n not in BY_NAME_ONLY]
     if args.list:
-        for name in names:
+        for name in args.names or list(BENCHMARKS):
             spec = BENCHMARKS[name]
             run_args = spec["quick"] if args.quick else spec["args"]
+            only = "  (by name only)" if name in BY_NAME_ONLY else ""
             print(
-                f"{name:<11} python -m {spec['module']} {' '.join(run_args)}\n            {spec['what']}"
+                f"{name:<12} python -m {spec['module']} {' '.join(run_args)}{only}\n"
+                f"             {spec['what']}"
             )
         return 0
 
