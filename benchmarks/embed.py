@@ -73,6 +73,21 @@ def _pool() -> list[str]:
     return list(texts)
 
 
+def start_local_ray(cpus: int) -> None:
+    """A local Ray of ``cpus`` CPUs, its session files under ``~/.cache/dpray``, no bars."""
+    import ray
+
+    root = Path.home() / ".cache" / "dpray"
+    root.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="r", dir=root),
+        logging_level="WARNING",
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def real_texts(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct real instructions from every shared file, shuffled (a fixed seed)."""
     pool = _pool()
@@ -168,16 +183,7 @@ def child_stage(root: str, model: str, batch_size: int, fake: bool) -> None:
         settings = PoolSettings(1, None, 1, "fake", None)
         stage.pool_settings = lambda *a, **k: settings
     else:
-        cpus = len(os.sched_getaffinity(0))
-        base = Path.home() / ".cache" / "dpray"
-        base.mkdir(parents=True, exist_ok=True)
-        ray.init(
-            num_cpus=cpus,
-            include_dashboard=False,
-            _temp_dir=tempfile.mkdtemp(prefix="r", dir=base),
-            logging_level="WARNING",
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        start_local_ray(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
     try:
         stage.embed_sets(config, RunDir(root), stage.CHUNK_ROWS)
@@ -306,15 +312,7 @@ def main() -> None:
         torch.set_num_threads(cpus)
     ray_started = not args.no_ray or args.file_order
     if ray_started:
-        root = Path.home() / ".cache" / "dpray"
-        root.mkdir(parents=True, exist_ok=True)
-        ray.init(
-            num_cpus=cpus,
-            include_dashboard=False,
-            _temp_dir=tempfile.mkdtemp(prefix="r", dir=root),
-            logging_level="WARNING",
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        start_local_ray(cpus)
 
     def bare_encode(part: list[str]) -> np.ndarray:
         return model.encode(part, batch_size=args.batch_size, normalize_embeddings=True)
