@@ -287,3 +287,13 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     )
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_distribution_card_says_why_when_the_filter_ran_without_metrics(tmp_path):
+    from dpray.stages.report import summary_distribution
+
+    run_dir = RunDir(tmp_path / "run")
+    assert "The filter has not run." in summary_distribution(run_dir)
+    pq.write_table(pa.table({"text": ["a request"]}), run_dir.public("filter") / "filtered.parquet")
+    card = summary_distribution(run_dir)
+    assert "filter.metrics off" in card and "has not run" not in card

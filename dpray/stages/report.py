@@ -284,7 +284,9 @@ def summary_distribution(run_dir: RunDir, full: bool = False) -> str:
         "privacy guarantee."
     )
     if not isinstance(metrics, dict):
-        return _card("Distribution match", "not measured", ["The filter has not run."], note=note)
+        ran = (run_dir.root / "filter" / "filtered.parquet").exists()
+        why = "The filter ran with filter.metrics off." if ran else "The filter has not run."
+        return _card("Distribution match", "not measured", [why], note=note)
     if "skipped" in metrics or "error" in metrics:
         return _card("Distribution match", "not measured", [_why_not(metrics)], note=note)
     lines = [
