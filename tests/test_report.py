@@ -60,6 +60,18 @@ def test_report_contents(run_dir):
     assert "http://" not in page and "https://" not in page  # nothing fetched from the web
 
 
+def test_training_plot_says_its_per_step_epsilons_are_bounds_and_gives_the_final_cost(run_dir):
+    """The per-step figures are upper bounds (they can sit above the final exact cost, as
+    2.80 against 2.645 in the quality benchmark's run): the section says so and names the
+    ledger's figure for the training stage."""
+    from dpray.stages.report import section_training, training_epsilon
+
+    final = dict(Ledger.load(run_dir.ledger_path).per_stage())["train-generator"]
+    assert training_epsilon(run_dir) == final
+    html = section_training(run_dir)
+    assert "upper bound" in html and "exact cost of the steps executed" in html
+
+
 def _write_json(path, data):
     path.write_text(json.dumps(data))
 

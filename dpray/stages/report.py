@@ -464,6 +464,13 @@ def section_untrained_generator(meta: dict) -> str:
     return "".join(parts)
 
 
+def training_epsilon(run_dir: RunDir) -> float | None:
+    """The generator training's ε in the ledger (its events alone), or None before it spent."""
+    if not run_dir.ledger_path.exists():
+        return None
+    return dict(Ledger.load(run_dir.ledger_path).per_stage()).get("train-generator")
+
+
 def section_training(run_dir: RunDir, full: bool = False) -> str:
     metrics_path = run_dir.root / "generator" / "metrics.jsonl"
     meta_path = run_dir.root / "generator" / "generator.json"
@@ -483,9 +490,13 @@ def section_training(run_dir: RunDir, full: bool = False) -> str:
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(9 if timed else 4.5, 2.8))
     a1 = axes[0] if timed else axes
     steps = [m["step"] for m in metrics]
-    a1.plot(steps, [m.get("epsilon") or 0 for m in metrics], marker=".")
+    a1.plot(steps, [m.get("epsilon") or 0 for m in metrics], marker=".", label="bound per step")
     a1.set_xlabel("executed step")
-    a1.set_ylabel("ε so far (ledger)")
+    a1.set_ylabel("ε spent, upper bound")
+    final = training_epsilon(run_dir)
+    if final is not None:
+        a1.axhline(final, color="black", linestyle="--", linewidth=1, label=f"final {final:.3g}")
+        a1.legend(fontsize=7, loc="lower right")
     if timed:
         axes[1].plot(
             [m["step"] for m in timed], [m["step_seconds"] for m in timed], ".", color="#55a868"
@@ -509,7 +520,11 @@ def section_training(run_dir: RunDir, full: bool = False) -> str:
     ]
     rows = [[k, meta[k]] for k in keys if k in meta]
     note = (
-        "<p>The training loss is computed on private batches without DP, so it is kept in "
+        "<p>After each step the ledger records an upper bound on training's ε: the smaller of "
+        "the RDP bound of the steps so far and the exact cost of the whole planned run (restart "
+        "headroom included); the dashed line is the exact cost of the steps executed, what the "
+        "ledger holds at the end.  "
+        "The training loss is computed on private batches without DP, so it is kept in "
         "<code>private/train/metrics.jsonl</code> and not shown here"
         + (
             "; step times (they track the realised batch size) are in the private report.</p>"
