@@ -3,7 +3,7 @@
 `cluster/local.sh up --workers 2` starts a head with 0 CPUs and two 1-CPU worker nodes (as
 ``test_filter_multinode`` does).  A driver process joins it and runs the embed stage's streamed
 path (``stage.embed_sets``, small chunks, so several sorted windows) on 300 synthetic and 50
-real texts.  The default actor pool (one per CPU of the alive nodes) must have embedded on both
+real texts, in blocks of several encoder batches.  The default actor pool (one per CPU of the alive nodes) must have embedded on both
 nodes (the stage counts the nodes its actors reported), and the vectors must equal a direct
 in-process encode of the same texts with the same traced encoder and the in-memory Ray path
 (``encode.embed_texts``), up to float32 rounding (batches pad differently).  `local.sh down` runs
@@ -32,7 +32,7 @@ def driver(root: str, model: str, out_path: str) -> None:
 
     from dpray.config import config_from_tree
     from dpray.rundir import RunDir, read_json
-    from dpray.stages.embed import stage
+    from dpray.stages.embed import stage, stream
     from dpray.stages.embed.encode import embed_texts, make_encoder
     from dpray.stages.embed.store import read_set
     from tests.test_embed import _texts
@@ -59,6 +59,9 @@ def driver(root: str, model: str, out_path: str) -> None:
         pa.table({"id": [f"r{i}" for i in range(50)], "text": real, "user_id": ["u"] * 50}),
         run_dir.private("ingest") / "instructions.parquet",
     )
+    # blocks of several row groups (mixing windows), as at 100k texts (e.g. 23 groups, 2 actors)
+    stream.MIN_BLOCKS_PER_ACTOR = 2
+    assert stream.groups_per_block(23, 2) == 5
     stage.embed_sets(config, run_dir, chunk_rows=100)
     ids, vectors = read_set(run_dir.root / "embed" / "synthetic")
     _, real_vectors = read_set(run_dir.private("embed") / "real")

@@ -133,6 +133,14 @@ def test_digest_index_first_value_wins_across_segments_and_merges():
         pack(["abc"])
 
 
+def test_blocks_hold_several_batches_only_where_every_actor_keeps_dozens():
+    assert stream.groups_per_block(10, 2) == 1  # small runs: one batch a block
+    assert stream.groups_per_block(1563, 2) == 8  # 100k texts at batch 64: 196 blocks
+    assert stream.groups_per_block(200, 2) == 3
+    assert stream.groups_per_block(10**6, 64) == stream.MAX_GROUPS_PER_BLOCK
+    assert stream.groups_per_block(5, 0) == 1
+
+
 def test_streamed_stage_writes_what_the_in_memory_stage_wrote(fake_encoder, tmp_path):
     model, pool = fake_encoder
     config = _config(tmp_path, model)
