@@ -10,7 +10,8 @@ chunk:
   every text pads no more in practice: with tens of thousands of texts a window, neighbouring
   lengths are as close as in a global sort.
 * :func:`encode_queues` -- Ray Data ``map_batches`` on the actor pool over *references* to the
-  row groups (queue, group): each actor reads its batch's texts from the run directory itself
+  row groups (queue, group), several per block (:func:`groups_per_block`): each actor reads its
+  batches' texts from the run directory itself
   (a volume every node mounts, as the filter's chunk tasks assume), so texts never pass through
   the driver or the object store, and the (hash, vector) results come back as a stream
   (``iter_batches``), at most :data:`GROUPS_PER_PASS` groups per Ray Data pass so the driver's
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 GROUPS_PER_PASS = 16384
 """Row groups (encoder batches) per Ray Data pass: ~1M texts at batch 64.  Each pass starts its
 actor pool again (seconds, against the hours a million texts take on CPUs); without a bound the
-driver would hold a block reference per batch of all ten million candidates."""
+driver would hold the block references of all ten million candidates at once."""
 
 
 MAX_GROUPS_PER_BLOCK = 8
