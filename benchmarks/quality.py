@@ -3,6 +3,8 @@
     python -m benchmarks.quality                       # in-the-wild mix and Dolly, every strategy
     python -m benchmarks.quality --datasets wild --strategies prompted private_evolution
     python -m benchmarks.quality --quick               # tiny sizes: checks the plumbing only
+    python -m benchmarks.quality --datasets wild --strategies dp_finetune \
+        --clusters 24 64 128 256 --filter-draws 3       # the filter's K, on a finished run
 
 Private = real human-written instructions from ``../shared/data`` (read in place; the private
 split is written only to the work directory, outside the repository):
@@ -334,6 +336,56 @@ def rounds_report(run_dir: Path, dataset: str, n: int, subsamples: int) -> dict:
     return {"run_dir": str(run_dir), "dataset": dataset, "sample_size": m, "metrics": metrics}
 
 
+def cluster_sweep(
+    work: Path, dataset: str, strategy: str, clusters: list[int], args, base_sets: list[str]
+) -> dict:
+    """The DP filter's K, measured on one finished run's candidates: for each K, the filter
+    refiltered ``--filter-draws`` times (``filter.seed`` 0..), each set against A at n.  The
+    candidates are the same for every K, so only the filter's clustering differs (each draw
+    spends what the recipe's filter spends once: a benchmark-only measurement)."""
+    texts = load_dataset(dataset)
+    n = args.n
+    model = encoder()
+    a, b = embed(model, texts[:n]), embed(model, texts[n : 2 * n])
+    run_dir = work / f"{dataset}-{strategy}"
+    if not (run_dir / "embed" / "synthetic.npy").exists():
+        raise SystemExit(f"{run_dir} has no candidates: run the strategy first (same --work)")
+    sets = strategy_sets(strategy, base_sets)
+    out: dict = {"run_dir": str(run_dir), "strategy": strategy, "sample_size": n, "clusters": {}}
+    floor = None
+    for k in clusters:
+        draws = []
+        for seed in range(args.filter_draws):
+            copy = refilter(
+                run_dir,
+                work / f"{dataset}-{strategy}-k{k}-filter{seed}",
+                [*sets, f"filter.num_clusters={k}"],
+                args.config,
+                seed,
+            )
+            metrics = distribution_metrics(
+                a, b, {"filtered": run_outputs(copy)["filtered"]}, n, args.subsamples
+            )
+            floor = metrics["real_floor"]
+            draws.append(metrics["filtered"])
+        row = {
+            key: {
+                "mean": float(np.mean([d[key] for d in draws])),
+                "std": float(np.std([d[key] for d in draws])),
+            }
+            for key in ("probe_accuracy", "mauve", "fed", "fed_bias_corrected")
+        }
+        out["clusters"][str(k)] = row
+        print(
+            f"[quality] K={k}: probe {row['probe_accuracy']['mean']:.3f} "
+            f"± {row['probe_accuracy']['std']:.3f}, MAUVE {row['mauve']['mean']:.3f}, "
+            f"FED {row['fed']['mean']:.4f} ({len(draws)} draws)",
+            flush=True,
+        )
+    out["real_floor"] = floor
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -367,7 +419,28 @@ def main(argv: list[str] | None = None) -> dict:
         help="only report a finished private_evolution run's rounds (candidates vs kept) "
         "against the held-out split of --datasets' first dataset",
     )
+    parser.add_argument(
+        "--clusters",
+        nargs="+",
+        type=int,
+        default=None,
+        help="only sweep the DP filter's K over a finished run of the first --strategies "
+        "strategy on the first --datasets dataset (same --work): --filter-draws refilters each",
+    )
     args = parser.parse_args(argv)
+    if args.clusters:
+        ds, strategy = args.datasets[0], args.strategies[0]
+        work = Path(args.work)
+        base = [
+            f"data.path={work / f'{ds}-private.jsonl'}",
+            "data.text_field=instruction",
+            "data.id_field=id",
+            *args.sets,
+        ]
+        report = cluster_sweep(work, ds, strategy, args.clusters, args, base)
+        path = write_result(args.name or "quality_clusters", report, vars(args))
+        print(f"wrote {path}")
+        return report
     if args.rounds_of:
         report = rounds_report(Path(args.rounds_of), args.datasets[0], args.n, args.subsamples)
         path = write_result(args.name or "quality_pe_rounds", report, vars(args))
