@@ -59,6 +59,21 @@ def session_pids(sid: str) -> list[int]:
     return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if s == sid]
 
 
+def local_cluster_env(state_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment for ``cluster/local.sh`` and its clients: this process's, without an
+    inherited Ray address or auth token, with the cluster state in ``state_dir``, no usage
+    stats, and ``settings`` (``DPRAY_LOCAL_*``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    env.update(
+        PYTHON=sys.executable,
+        DPRAY_LOCAL_RAY_DIR=str(state_dir),
+        RAY_USAGE_STATS_ENABLED="0",
+        **settings,
+    )
+    return env
+
+
 def read_state(path: Path) -> dict:
     state = {}
     for line in path.read_text().splitlines():
@@ -69,14 +84,10 @@ def read_state(path: Path) -> dict:
 
 def test_smoke_job_on_local_cluster(tmp_path):
     state_dir = short_state_dir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    env.update(
-        PYTHON=sys.executable,
-        DPRAY_LOCAL_RAY_DIR=str(state_dir),
+    env = local_cluster_env(
+        state_dir,
         DPRAY_LOCAL_NUM_CPUS="2",  # the smoke config plans 2 training workers of 1 CPU each
         DPRAY_LOCAL_OBJECT_STORE_BYTES=str(512 * 1024**2),
-        RAY_USAGE_STATS_ENABLED="0",
     )
     use_job_api = job_api_available()
     env["DPRAY_LOCAL_DASHBOARD"] = "true" if use_job_api else "false"

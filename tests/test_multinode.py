@@ -25,7 +25,6 @@ Kubernetes the autoscaler replaces the node), so the spare 1-CPU node is that ro
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -41,7 +40,12 @@ from tests.test_generator_strategies import (
     assert_samples_from_exactly_the_training_prompt,
     tiny_tokenizer,
 )
-from tests.test_local_cluster import job_api_available, read_state, session_pids
+from tests.test_local_cluster import (
+    job_api_available,
+    local_cluster_env,
+    read_state,
+    session_pids,
+)
 from tests.test_output_schemas import assert_one_schema_per_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,14 +99,10 @@ def new_draw_shards(run_dir: Path, since: float) -> list[Path]:
 
 def test_smoke_on_three_nodes_and_a_node_lost_mid_sample(tmp_path):
     state_dir = short_state_dir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    env.update(
-        PYTHON=sys.executable,
-        DPRAY_LOCAL_RAY_DIR=str(state_dir),
+    env = local_cluster_env(
+        state_dir,
         DPRAY_LOCAL_WORKER_CPUS="1",
         DPRAY_LOCAL_OBJECT_STORE_BYTES=str(256 * 1024**2),
-        RAY_USAGE_STATS_ENABLED="0",
     )
     use_job_api = job_api_available()
     env["DPRAY_LOCAL_DASHBOARD"] = "true" if use_job_api else "false"

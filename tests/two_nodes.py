@@ -8,14 +8,18 @@ process of its sessions is left.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.test_local_cluster import read_state, session_pids, short_state_dir
+from tests.test_local_cluster import (
+    local_cluster_env,
+    read_state,
+    session_pids,
+    short_state_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
@@ -24,15 +28,11 @@ LOCAL_SH = REPO / "cluster" / "local.sh"
 def run_driver_on_two_nodes(tmp_path: Path, code: str) -> None:
     """Run ``code`` as a driver on two 1-CPU worker nodes; assert it and the teardown succeed."""
     state_dir = short_state_dir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    env.update(
-        PYTHON=sys.executable,
-        DPRAY_LOCAL_RAY_DIR=str(state_dir),
+    env = local_cluster_env(
+        state_dir,
         DPRAY_LOCAL_WORKER_CPUS="1",
         DPRAY_LOCAL_OBJECT_STORE_BYTES=str(128 * 1024**2),
         DPRAY_LOCAL_DASHBOARD="false",
-        RAY_USAGE_STATS_ENABLED="0",
     )
 
     def local(*args: str) -> subprocess.CompletedProcess:
