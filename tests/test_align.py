@@ -362,3 +362,27 @@ def test_sft_deepspeed_zero2_on_two_cpu_workers(ray_local, tmp_path):
     assert metrics["deepspeed_stage"] == 2 and metrics["world_size"] == 2
     assert summary["loss_after"] < summary["loss_before"]
     _check_adapter_reloads(run_dir.root / "sft" / "model")
+
+
+def test_checkpointing_goes_by_the_installed_transformers_name(tmp_path, monkeypatch):
+    """transformers 5.17 knows ``gradient_checkpointing`` only, 5.24 ``activation_checkpointing``:
+    the kwargs name whichever ``TrainingArguments`` has, and ``SFTConfig`` accepts them."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from dpray.stages.align import common
+
+    config = _config(tmp_path, sft={"activation_checkpointing": True})
+    plan = base_plan("sft", config.sft, seed=0)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    kwargs = training_kwargs(plan, str(tmp_path / "out"))
+    name = common.checkpointing_argument()
+    assert name in fields and kwargs[name] is True
+    assert not {"activation_checkpointing", "gradient_checkpointing"} - {name} & kwargs.keys()
+
+    # a transformers without the new name (5.17's fields, as far as this choice goes)
+    older = dataclasses.make_dataclass("TrainingArguments", [("gradient_checkpointing", bool)])
+    monkeypatch.setattr("transformers.TrainingArguments", older)
+    assert common.checkpointing_argument() == "gradient_checkpointing"
+    assert training_kwargs(plan, str(tmp_path / "out"))["gradient_checkpointing"] is True

@@ -14,7 +14,6 @@ machine; each test prints one ``[gpu]`` line of what it measured (``pytest -s``)
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -614,28 +613,6 @@ def sft_plan(lm_dir: Path, tmp: Path, **section) -> dict:
     return plan
 
 
-def older_transformers_shim() -> str | None:
-    """transformers before ``TrainingArguments.activation_checkpointing`` (the lent GPU machine
-    has 5.17; dpray pins 5.24) knows it as ``gradient_checkpointing``: rename it for this run."""
-    from transformers import TrainingArguments
-
-    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
-        return None
-    from dpray.stages.align import sft
-
-    original = sft.training_kwargs
-
-    def renamed(plan: dict, output_dir: str) -> dict:
-        kwargs = original(plan, output_dir)
-        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
-        return kwargs
-
-    sft.training_kwargs = renamed
-    import transformers
-
-    return f"transformers {transformers.__version__}: activation_checkpointing -> gradient_checkpointing"
-
-
 def checkpointing(args) -> bool:
     """Whether the trainer's arguments recompute activations (either transformers name)."""
     return bool(
@@ -656,16 +633,12 @@ def test_sft_on_the_device(lm_dir: Path, tmp_path: Path):
     """TRL SFT with LoRA, bf16 and activation checkpointing on the GPU (``sft.train``)."""
     _check_trl()
     from dpray.stages.align import sft
+    from dpray.stages.align.common import checkpointing_argument
 
-    shim = older_transformers_shim()
-    original = sft.training_kwargs
-    try:
-        plan = sft_plan(lm_dir, tmp_path)
-        tick = time.perf_counter()
-        trainer, metrics, _ = sft.train(plan)
-        seconds = time.perf_counter() - tick
-    finally:
-        sft.training_kwargs = original
+    plan = sft_plan(lm_dir, tmp_path)
+    tick = time.perf_counter()
+    trainer, metrics, _ = sft.train(plan)
+    seconds = time.perf_counter() - tick
     weights = {p.dtype for n, p in trainer.model.named_parameters() if "lora_" not in n}
     report(
         "SFT (TRL)",
@@ -675,7 +648,7 @@ def test_sft_on_the_device(lm_dir: Path, tmp_path: Path):
         seconds=seconds,
         loss_before=metrics["loss_before"],
         loss_after=metrics["loss_after"],
-        shim=shim or "none",
+        checkpointing_argument=checkpointing_argument(),
     )
     assert metrics["steps"] == 3
     losses = [metrics["loss_before"], metrics["loss_after"], *metrics["train_losses"]]
@@ -692,7 +665,7 @@ def _deepspeed_child(lm_dir: str, out_file: str) -> None:
     """Rank 0 of a one-process group (env set by the test), as a Ray Train worker would be."""
     from dpray.stages.align import sft
 
-    out: dict = {"shim": older_transformers_shim()}
+    out: dict = {}
     plan = sft_plan(Path(lm_dir), Path(out_file).parent, deepspeed=2)
     tick = time.perf_counter()
     trainer, metrics, _ = sft.train(plan)

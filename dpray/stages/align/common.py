@@ -112,6 +112,25 @@ def _deepspeed_bf16(config: dict | None) -> bool:
     return config.get("bf16", {}).get("enabled", False) in (True, "auto")
 
 
+def checkpointing_argument() -> str:
+    """``TrainingArguments``' name for recomputing activations in the backward pass.
+
+    transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing`` during 5.x
+    (5.24 has the new name, 5.17 only the old one: SFT crashed there with a ``TypeError`` on a
+    GPU machine whose image ships 5.17), so the name is read off the installed class.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+
+
 def training_kwargs(plan: dict, output_dir: str) -> dict:
     """Arguments every TRL config here shares (a ``transformers.TrainingArguments`` subset)."""
     s = plan["section"]
@@ -130,7 +149,7 @@ def training_kwargs(plan: dict, output_dir: str) -> dict:
         "report_to": [],
         "use_cpu": not s["use_gpu"],
         "bf16": use_bf16(s["precision"], s["use_gpu"]),
-        "activation_checkpointing": (
+        checkpointing_argument(): (
             s["use_gpu"] if s["activation_checkpointing"] is None else s["activation_checkpointing"]
         ),
         "deepspeed": copy.deepcopy(plan["deepspeed"]),
