@@ -52,6 +52,27 @@ def test_npy_rows_read_and_take_match_the_array(tmp_path):
         NpyRows(tmp_path / "bad.npy")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_npy_rows_take_gathers_across_map_windows(tmp_path, monkeypatch, dtype):
+    """Windows smaller than the file (and not aligned to pages or rows' runs): the gather maps
+    each window at its page-aligned offset and still returns exactly the rows asked for."""
+    from dpray.stages.filter import rows as rows_module
+
+    x = np.random.default_rng(1).normal(size=(5000, 13)).astype(dtype)
+    np.save(tmp_path / "x.npy", x)
+    rows = NpyRows(tmp_path / "x.npy")
+    monkeypatch.setattr(rows_module, "TAKE_WINDOW_BYTES", 7_777)  # ~75 or ~150 rows a window
+    rng = np.random.default_rng(2)
+    for picked in (
+        np.sort(rng.choice(5000, size=900, replace=False)),
+        np.arange(4990, 5000),
+        np.array([0]),
+        np.array([4999]),
+        np.array([0, 4999]),
+    ):
+        assert np.array_equal(rows.take(picked), x[picked].astype(np.float32))
+
+
 def test_chunk_ranges_cover_every_row_once():
     assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert chunk_ranges(0, 4) == []
