@@ -141,6 +141,28 @@ def test_blocks_hold_several_batches_only_where_every_actor_keeps_dozens():
     assert stream.groups_per_block(5, 0) == 1
 
 
+def test_work_goes_heaviest_first_across_windows(tmp_path):
+    """Each window's queue starts with its longest texts; the actors get the groups with the
+    most text bytes first whatever window they came from, every group exactly once."""
+    lengths = lambda texts: np.array([len(t) for t in texts])  # noqa: E731
+    queues = []
+    for q, sizes in enumerate(([5, 300, 40, 7, 90], [1000, 2, 60], [])):
+        queue = stream.TextQueue(tmp_path / f"q{q}.parquet", 2, lengths)
+        texts = ["x" * n for n in sizes]
+        queue.put([f"{q}-{i}" for i in range(len(texts))], texts)
+        queues.append((queue.path, queue.close()))
+    work = stream.heaviest_first(queues)
+    assert sorted(work) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    bytes_of = {
+        (q, g): pq.ParquetFile(path).metadata.row_group(g).total_byte_size
+        for q, (path, groups) in enumerate(queues)
+        for g in range(groups)
+    }
+    assert work[0] == (1, 0)  # the 1000-character text's batch, from the second window
+    assert [bytes_of[w] for w in work] == sorted(bytes_of.values(), reverse=True)
+    assert stream.heaviest_first([]) == []
+
+
 def test_streamed_stage_writes_what_the_in_memory_stage_wrote(fake_encoder, tmp_path):
     model, pool = fake_encoder
     config = _config(tmp_path, model)
