@@ -122,9 +122,9 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
 
     from dpray.privacy.secure_agg.aggregator import (
         all_reduce_int64,
-        data_independent_offset,
         decode,
         encode_with_offset,
+        prepare_share,
     )
     from dpray.stages.train_generator.data import collate
     from dpray.stages.train_generator.dp_sgd import (
@@ -156,7 +156,9 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
 
     def step(name):
         agg = aggregators[name]
-        agg.prefetch(steps[name])  # no-op when this scheme's previous step already started it
+        # this step's share, drawn on the side thread during its backward pass: the training
+        # loop starts it right after the previous step's update, as here
+        agg.prefetch(steps[name])
         dist.barrier()
         start = time.perf_counter()
         local = clipped_sum(gsm, params, batch, clip_norm=1.0)
@@ -168,10 +170,8 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
     for name in aggregators:  # warm-up
         step(name)
     # Steady state, interleaved: each round runs a block of `block + 1` consecutive steps per
-    # scheme and times all but the first.  Within a secure block the next step's noise share is
-    # drawn on the side thread during the current step, as in training; the untimed first step
-    # of each block absorbs the edges (its share is drawn cold; the central block's first step
-    # shares the CPU with the last secure step's unused prefetch).
+    # scheme and times all but the first (it absorbs the switch between schemes).  Every secure
+    # step's share is drawn on the side thread during its own backward pass, as in training.
     for _ in range(repeats):
         medians = {}
         for name in aggregators:
@@ -179,19 +179,19 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
             samples[name] += times
             medians[name] = statistics.median(times)
         rounds.append(medians["secure"] / medians["central"])
-    # the pieces, one at a time: the side thread's offset (Skellam share + masks), the encode
-    # with it, the int64 all-reduce, and the decode
+    # the pieces, one at a time: the side thread's share (Skellam noise + masks + rounding
+    # words), the encode with it, the int64 all-reduce, and the decode
     secure = aggregators["secure"]
     vec = torch.randn(dim)
     pieces: dict[str, list[float]] = {"offset": [], "encode": [], "allreduce": [], "decode": []}
     for k in range(repeats):
         t0 = time.perf_counter()
-        offset = data_independent_offset(
-            secure.cfg, rank, 10_000 + k, secure.seeds, secure.offset_generator
-        )
+        share = prepare_share(secure.cfg, rank, 10_000 + k, secure.seeds, secure.offset_generator)
         pieces["offset"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        payload = encode_with_offset(vec, secure.cfg, offset, secure.generator)
+        payload = encode_with_offset(
+            vec, secure.cfg, share.offset, secure.generator, rounding_words=share.rounding_words
+        )
         pieces["encode"].append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()

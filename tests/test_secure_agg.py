@@ -533,7 +533,9 @@ def test_step_outputs_survive_the_next_step():
     assert not any(np.shares_memory(a.numpy(), b.numpy()) for a in first for b in second)
 
 
-def test_aggregator_prepares_the_next_share_after_decoding():
+def test_aggregator_draws_the_next_share_only_when_asked():
+    """The training loop asks for step + 1's share after the update (prefetch); the aggregator
+    itself starts nothing, and a step nobody prefetched still gets a fresh share."""
     from dpray.stages.train_generator.noise import SecureAggregator
 
     dim, sigma = 4000, 0.5
@@ -542,8 +544,53 @@ def test_aggregator_prepares_the_next_share_after_decoding():
     )
     x = _unit_inputs(1, dim, 2.0, seed=27)[0].float()
     worker.prefetch(0)
-    for step in range(2):
+    for step in range(3):
         noisy = worker(x, step)
-        assert set(worker._pending) == {step + 1}  # the next step's share is on its way
+        assert worker._pending == {}  # nothing drawn behind the caller's back
         assert noisy.dtype == torch.float32 and noisy.shape == (dim,)
         assert (noisy - x).std().item() == pytest.approx(sigma, rel=0.1)  # one worker: t = 1
+        if step == 0:
+            worker.prefetch(step + 1)
+            assert set(worker._pending) == {1}
+
+
+def test_fused_encode_and_decode_equal_the_step_by_step_forms():
+    """encode_with_offset (chunked rounding + offset + mod) and decode (chunked signed residues
+    into the unrotation) give bit for bit what rotate -> stochastic_round_ -> add -> mod and
+    unrotate(signed residues) give, for drawn and for pre-drawn rounding words."""
+    from dpray.privacy.secure_agg.quantize import stochastic_round_
+
+    for dim in (3, 1000, 70_001):  # one chunk, and several with a short last one
+        cfg = SecureAggConfig.create(
+            dim=dim, num_workers=2, noise_multiplier=1.0, clip_norm=1.0, max_norm=4.0
+        )
+        seeds = _all_seeds(2)
+        x = _unit_inputs(1, dim, 2.0, seed=31)[0]
+        offset = agg.data_independent_offset(cfg, 0, 5, seeds[0], _srng(1))
+        reference = stochastic_round_(rotate(x, cfg.rotation_seed, gain=cfg.scale), _srng(2))
+        reference = reference.add_(offset).bitwise_and_(cfg.modulus - 1)
+        drawn = agg.encode_with_offset(x, cfg, offset.clone(), _srng(2))
+        words = _srng(2).random_words(cfg.padded_dim)
+        given = agg.encode_with_offset(x, cfg, offset.clone(), _srng(99), rounding_words=words)
+        assert torch.equal(drawn, reference) and torch.equal(given, reference)
+        total = reference.clone().add_(agg.encode(x, cfg, 1, 5, seeds[1], _srng(3)))
+        half = cfg.modulus // 2
+        signed = (total + half).bitwise_and_(cfg.modulus - 1).sub_(half)
+        expected = unrotate(signed, cfg.rotation_seed, dim, gain=1.0 / cfg.scale)
+        assert torch.equal(agg.decode(total, cfg), expected)
+        assert torch.equal(agg.decode(total, cfg, torch.float32), expected.float())
+    with pytest.raises(ValueError, match="rounding_words"):
+        agg.encode_with_offset(x, cfg, offset, _srng(2), rounding_words=words[:-1])
+
+
+def test_prepared_shares_are_fresh_and_serve_one_step():
+    cfg = SecureAggConfig.create(
+        dim=500, num_workers=2, noise_multiplier=1.0, clip_norm=1.0, max_norm=4.0
+    )
+    seeds = _all_seeds(2)[0]
+    gen = agg.private_generator()
+    a, b = (agg.prepare_share(cfg, 0, 7, seeds, gen) for _ in range(2))
+    assert a.step == b.step == 7 and a.rounding_words.shape == (cfg.padded_dim,)
+    assert not np.shares_memory(a.rounding_words, b.rounding_words)
+    assert not np.array_equal(a.rounding_words, b.rounding_words)
+    assert not torch.equal(a.offset, b.offset)

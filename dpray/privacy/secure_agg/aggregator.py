@@ -57,8 +57,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpray.privacy.secure_agg.buffers import scratch
-from dpray.privacy.secure_agg.csprng import SecureRandom
+from dpray.privacy.secure_agg.buffers import empty_buffer, scratch
+from dpray.privacy.secure_agg.csprng import SecureRandom, words_to_uniform
 from dpray.privacy.secure_agg.masks import public_key_from_private, shared_seed, worker_mask
 from dpray.privacy.secure_agg.quantize import (
     MAX_BITS,
@@ -66,7 +66,7 @@ from dpray.privacy.secure_agg.quantize import (
     stochastic_round,
     stochastic_round_,
 )
-from dpray.privacy.secure_agg.rotation import padded_dim, rotate, unrotate
+from dpray.privacy.secure_agg.rotation import padded_dim, rotate, unrotate_
 from dpray.privacy.secure_agg.skellam import max_scale_for_sampler, share_lambda, skellam_noise
 
 __all__ = [
@@ -78,6 +78,8 @@ __all__ = [
     "encode",
     "encode_with_offset",
     "data_independent_offset",
+    "PreparedShare",
+    "prepare_share",
     "decode",
     "simulate_round",
     "exchange_public_keys",
@@ -243,19 +245,92 @@ def data_independent_offset(
     return offset.bitwise_and_(cfg.modulus - 1)
 
 
+@dataclass(frozen=True)
+class PreparedShare:
+    """Everything of one payload that does not depend on the gradient, drawn ahead of the step.
+
+    ``offset``: the Skellam share plus masks mod ``2^b`` (:func:`data_independent_offset`);
+    ``rounding_words``: the raw 64-bit words whose uniforms decide the stochastic rounding.
+    Both are as secret as the noise and serve exactly one payload (``step``).
+    """
+
+    step: int
+    offset: torch.Tensor
+    rounding_words: np.ndarray
+
+
+def prepare_share(
+    cfg: SecureAggConfig,
+    rank: int,
+    step: int,
+    seeds_by_peer: dict[int, bytes],
+    generator: SecureRandom,
+) -> PreparedShare:
+    """:func:`data_independent_offset` plus the rounding words: what a side thread draws for
+    ``step`` while the gradient is computed, leaving only arithmetic on the critical path."""
+    offset = data_independent_offset(cfg, rank, step, seeds_by_peer, generator)
+    words = generator.words_into(np.empty(cfg.padded_dim, dtype=np.uint64))  # outlives the call
+    return PreparedShare(step, offset, words)
+
+
+ROUND_CHUNK = 1 << 15
+"""Coordinates per pass of the fused rounding/decoding loops: a few 256 KiB temporaries that
+stay in L2, instead of eight full-length passes through memory."""
+
+
+def _round_offset_mod(
+    rotated: np.ndarray, words: np.ndarray, offset: np.ndarray, mask: int, out: np.ndarray
+) -> np.ndarray:
+    """``out = (stochastic_round(rotated) + offset) & mask``, chunk by chunk (int64).
+
+    The rounding is :func:`~dpray.privacy.secure_agg.quantize.stochastic_round_`'s: up iff the
+    uniform from ``words`` is below the fractional part.  Consumes ``rotated`` and ``words``."""
+    n = len(rotated)
+    floor = scratch("fused-floor", min(n, ROUND_CHUNK), np.float64)
+    uniform = scratch("fused-uniform", min(n, ROUND_CHUNK), np.float64)
+    up = scratch("fused-up", min(n, ROUND_CHUNK), np.bool_)
+    for start in range(0, n, ROUND_CHUNK):
+        stop = min(start + ROUND_CHUNK, n)
+        m = stop - start
+        x, f, u, b, o = rotated[start:stop], floor[:m], uniform[:m], up[:m], out[start:stop]
+        np.floor(x, out=f)
+        np.subtract(x, f, out=x)  # the fractional part, in [0, 1]
+        words_to_uniform(words[start:stop], u)
+        np.less(u, x, out=b)
+        np.add(f, b, out=f)
+        o[...] = f  # integral values: the cast is exact
+        np.add(o, offset[start:stop], out=o)
+        np.bitwise_and(o, mask, out=o)  # two's complement: also right for negative values
+    return out
+
+
 def encode_with_offset(
     x: torch.Tensor,
     cfg: SecureAggConfig,
     offset: torch.Tensor,
     generator: SecureRandom,
+    rounding_words: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Payload ``round(s·R x) + offset mod 2^b`` from a :func:`data_independent_offset`."""
+    """Payload ``round(s·R x) + offset mod 2^b`` from a :func:`data_independent_offset`.
+
+    ``rounding_words`` (a :class:`PreparedShare`'s, consumed) decide the rounding; without them
+    the words are drawn from ``generator`` here."""
     if x.dim() != 1 or x.shape[0] != cfg.dim:
         raise ValueError(f"expected a 1-D tensor of length {cfg.dim}, got {tuple(x.shape)}")
-    work = torch.from_numpy(scratch("encode-rotated", cfg.padded_dim, np.float64))
+    big_d = cfg.padded_dim
+    if offset.dtype != torch.int64 or offset.shape != (big_d,):
+        raise ValueError(f"offset must be an int64 tensor of length {big_d}")
+    if rounding_words is None:
+        rounding_words = generator.words_into(scratch("round-words", big_d, np.uint64))
+    elif rounding_words.dtype != np.uint64 or rounding_words.shape != (big_d,):
+        raise ValueError(f"rounding_words must be {big_d} uint64 words")
+    work = torch.from_numpy(scratch("encode-rotated", big_d, np.float64))
     rotated = rotate(x.detach().to("cpu"), cfg.rotation_seed, gain=cfg.scale, out=work)
-    payload = stochastic_round_(rotated, generator)  # consumes the scratch; payload is fresh
-    return payload.add_(offset).bitwise_and_(cfg.modulus - 1)
+    payload = empty_buffer(big_d, torch.int64)
+    _round_offset_mod(
+        rotated.numpy(), rounding_words, offset.cpu().numpy(), cfg.modulus - 1, payload.numpy()
+    )
+    return payload
 
 
 def encode(
@@ -289,12 +364,21 @@ def decode(
     """
     if total.dtype != torch.int64 or total.dim() != 1 or total.shape[0] != cfg.padded_dim:
         raise ValueError(f"expected an int64 tensor of length {cfg.padded_dim}")
-    half = cfg.modulus // 2
-    # the signed representative in [-2^(b-1), 2^(b-1)): ((v + half) mod 2^b) - half
-    v = torch.from_numpy(scratch("decode-residues", cfg.padded_dim, np.int64))  # temporary
-    torch.add(total.to("cpu"), half, out=v)
-    v.bitwise_and_(cfg.modulus - 1).sub_(half)
-    return unrotate(v, cfg.rotation_seed, cfg.dim, gain=1.0 / cfg.scale, dtype=dtype)
+    half, mask = cfg.modulus // 2, cfg.modulus - 1
+    residues = total.to("cpu").numpy()
+    work = scratch("decode-work", cfg.padded_dim, np.float64)  # consumed by unrotate_
+    signed = scratch("decode-signed", min(len(work), ROUND_CHUNK), np.int64)
+    for start in range(0, len(work), ROUND_CHUNK):
+        stop = min(start + ROUND_CHUNK, len(work))
+        v = signed[: stop - start]
+        # the signed representative in [-2^(b-1), 2^(b-1)): ((v + half) mod 2^b) - half
+        np.add(residues[start:stop], half, out=v)
+        np.bitwise_and(v, mask, out=v)
+        np.subtract(v, half, out=v)
+        work[start:stop] = v  # |v| < 2^(b-1) <= 2^47: exact in float64
+    return unrotate_(
+        torch.from_numpy(work), cfg.rotation_seed, cfg.dim, gain=1.0 / cfg.scale, dtype=dtype
+    )
 
 
 def _sim_private_key(seed: int, rank: int) -> bytes:

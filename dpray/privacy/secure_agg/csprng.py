@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from dpray.privacy.secure_agg.buffers import scratch
 
-__all__ = ["SecureRandom", "keystream_into"]
+__all__ = ["SecureRandom", "keystream_into", "words_to_uniform"]
 
 _ZERO_BLOCK = bytes(1 << 18)  # ChaCha20 keystream = encryption of zeros, 256 KiB at a time
 _STIRLING_MIN = 10.0  # log k! by the Stirling series at k >= 10 (error < 1e-12)
@@ -102,6 +102,12 @@ class SecureRandom:
     def random_words(self, count: int) -> np.ndarray:
         """``count`` uniform uint64 words (the next ``8·count`` keystream bytes)."""
         return self._words_into(np.empty(int(count), dtype="<u8"))
+
+    def words_into(self, out: np.ndarray) -> np.ndarray:
+        """Fill the uint64 array ``out`` with the next ``out.size`` words; returns it."""
+        if out.dtype != np.uint64 or not out.flags.c_contiguous:
+            raise TypeError("words_into needs a contiguous uint64 array")
+        return self._words_into(out)
 
     def _words_into(self, out: np.ndarray) -> np.ndarray:
         if out.size:
@@ -203,6 +209,12 @@ class _PtrsConstants:
         self.a = -0.059 + 0.02483 * self.b
         self.log_invalpha = math.log(1.1239 + 1.1328 / (self.b - 3.4))
         self.vr = 0.9277 - 3.6224 / (self.b - 2.0)
+
+
+def words_to_uniform(words: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Uniforms in (0, 1) from raw words, as :meth:`SecureRandom.uniform` makes them (``words``
+    is overwritten)."""
+    return _words_to_uniform(words, out)
 
 
 def _words_to_uniform(words: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 
 from dpray.privacy.secure_agg.buffers import empty_buffer, scratch
 
-__all__ = ["padded_dim", "rademacher_signs", "fwht", "rotate", "unrotate"]
+__all__ = ["padded_dim", "rademacher_signs", "fwht", "rotate", "unrotate", "unrotate_"]
 
 # log2 of the largest dense Hadamard block used per pass.  16x16 and 32x32 blocks were the
 # fastest on the 2-core CPU this was tuned on (fewer passes vs. more flops per pass; 8x8 and
@@ -180,6 +180,19 @@ def unrotate(
     else:
         work = torch.empty(big_d, dtype=torch.float64, device=y.device)
     work.copy_(y)
+    return unrotate_(work, seed, d, gain=gain, dtype=dtype)
+
+
+def unrotate_(
+    work: torch.Tensor, seed: int, d: int, gain: float = 1.0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """:func:`unrotate` of a contiguous float64 ``work`` vector that it consumes (overwrites):
+    for callers that have just written the rotated values into a buffer of their own."""
+    big_d = work.shape[0]
+    if work.dtype != torch.float64 or work.dim() != 1 or not work.is_contiguous():
+        raise ValueError("unrotate_ needs a contiguous 1-D float64 tensor")
+    if big_d != padded_dim(d):
+        raise ValueError(f"length {big_d} is not padded_dim({d}) = {padded_dim(d)}")
     _fwht_(work, normalized=True, gain=gain)
-    signs = rademacher_signs(seed, big_d).to(y.device)
-    return torch.mul(work[:d], signs[:d], out=empty_buffer(d, dtype, y.device))
+    signs = rademacher_signs(seed, big_d).to(work.device)
+    return torch.mul(work[:d], signs[:d], out=empty_buffer(d, dtype, work.device))

@@ -173,6 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
                 bound=event_for(plan, max(executed, plan.planned_steps), secure_fields),
             )
         apply_update(optimizer, params, noisy, plan.expected_batch_size)
+        if step + 1 < total_steps:
+            aggregator.prefetch(step + 1)  # the next share, drawn during the next backward pass
         seconds = time.perf_counter() - tick
         # what Ray Train gets is logged to the driver's console: public figures only
         metrics = {"step": step + 1, "epsilon": epsilon}
