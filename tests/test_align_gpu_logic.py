@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import torch
 
 from dpray.config import config_from_tree
 from dpray.stages.align.common import base_plan, model_dtype, training_kwargs
+from tests.single_rank import single_rank_env
 
 TINY = "tiny:hidden=64"
 REPO = Path(__file__).resolve().parents[1]
@@ -172,12 +171,6 @@ def test_zero3_merges_a_lora_start_policy_once_on_the_driver(tmp_path):
 # ---------------------------------------------------------------------- DeepSpeed (slow)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed_child(out_dir: str) -> None:
     """Runs in a fresh interpreter as rank 0 of a one-process gloo group, as on a Ray worker."""
     import torch.distributed as dist
@@ -281,17 +274,7 @@ def test_deepspeed_paths_on_one_cpu_rank(tmp_path):
     from dpray.stages.align.models import is_adapter
     from dpray.stages.align.ppo import finalize
 
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-        "TRL_EXPERIMENTAL_SILENCE": "1",
-        "PYTHONPATH": str(REPO),
-    }
+    env = single_rank_env(TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=str(REPO))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
     code = f"from tests.test_align_gpu_logic import _deepspeed_child; _deepspeed_child({str(tmp_path)!r})"
     proc = subprocess.run(

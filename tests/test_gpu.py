@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.single_rank import single_rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -683,28 +684,15 @@ def _deepspeed_child(lm_dir: str, out_file: str) -> None:
     Path(out_file).write_text(json.dumps(out))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sft_deepspeed_zero2_on_the_device(lm_dir: Path, tmp_path: Path):
     """SFT under DeepSpeed ZeRO-2 (the shipped config), one rank, in a subprocess."""
     _check_trl()
     pytest.importorskip("deepspeed")
     out_file = tmp_path / "out.json"
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
-    }
+    env = single_rank_env(
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"),
+    )
     code = f"from tests.test_gpu import _deepspeed_child; _deepspeed_child({str(lm_dir)!r}, {str(out_file)!r})"
     try:
         proc = subprocess.run(
