@@ -60,6 +60,33 @@ def test_trace_equals_sentence_transformers_and_is_made_once(tiny_encoder, cache
     assert resolve_backend("auto", str(tiny_encoder), use_gpu=False) == "traced"
 
 
+@pytest.mark.parametrize("budget", [1, 40, 128, 1024, 10**6])
+def test_token_budget_batches_give_the_same_vectors(tiny_encoder, cache, budget):
+    """Cutting a call into budget-sized forward passes changes only float rounding."""
+    entry = ensure_traced_encoder(tiny_encoder)
+    encoder = TracedSentenceEncoder(entry)
+    whole = encoder.encode(TEXTS, batch_size=64, token_budget=10**9)
+    cut = encoder.encode(TEXTS, batch_size=64, token_budget=budget)
+    assert cut.shape == whole.shape and np.abs(cut - whole).max() < 1e-5
+
+
+def test_token_batches_cover_every_row_once_within_rows_and_budget():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = np.sort(rng.integers(0, 300, rng.integers(0, 200)))[::-1]
+        batch_size, budget = int(rng.integers(1, 80)), int(rng.integers(1, 3000))
+        batches = traced.token_batches(lengths, batch_size, budget)
+        covered = [i for start, stop in batches for i in range(start, stop)]
+        assert covered == list(range(len(lengths)))
+        for start, stop in batches:
+            assert 1 <= stop - start <= batch_size
+            # the longest row of a batch is its first; one row may exceed the budget alone
+            assert stop - start == 1 or (stop - start) * max(1, lengths[start]) <= budget
+            # greedy: the next row would not have fitted (or the batch is full / last)
+            if stop < len(lengths) and stop - start < batch_size:
+                assert (stop - start + 1) * max(1, lengths[start]) > budget
+
+
 def test_a_model_the_trace_cannot_reproduce_is_refused_and_auto_falls_back(tmp_path, cache):
     """A default prompt is text that sentence-transformers adds before tokenising; the traced
     graph never sees it, so the check must catch the difference and keep the model on
