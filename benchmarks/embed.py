@@ -36,6 +36,12 @@ stage / bare_traced >= 0.9 (issue 17).
     python -m benchmarks.embed --mix --n 100000 --stage --parts --no-ray --order stage,bare_traced,bare \
         --name embed_100k                       # issue 17: ~50 min on 2 idle cores
     python -m benchmarks.embed --stage-memory 100000,300000 --name embed_stage_memory
+    python -m benchmarks.embed --mix --n 30000 --stage --parts --no-ray --precision bfloat16 \
+        --name embed_bf16                       # the bfloat16 encoder (AMX CPUs) vs float32 bare
+
+``--precision bfloat16`` runs the stage and ``bare_traced`` with the bfloat16 encoder; ``bare``
+stays sentence-transformers in float32 (the baseline), and each part reports its vectors' largest
+coordinate difference and smallest cosine to it.
 """
 
 from __future__ import annotations
@@ -151,7 +157,9 @@ def write_candidates(root: Path, texts: list[str], shards: int = 10) -> None:
     )
 
 
-def child_stage(root: str, model: str, batch_size: int, fake: bool) -> None:
+def child_stage(
+    root: str, model: str, batch_size: int, fake: bool, precision: str = "float32"
+) -> None:
     """Run the embed stage on ``root`` in this (child) process; print one JSON line."""
     import ray
 
@@ -164,7 +172,7 @@ def child_stage(root: str, model: str, batch_size: int, fake: bool) -> None:
             "run_dir": root,
             "data": {"path": str(Path(root) / "unused.jsonl")},
             "privacy": {"epsilon": 4.0, "delta": 1e-5},
-            "embed": {"model": model, "batch_size": batch_size},
+            "embed": {"model": model, "batch_size": batch_size, "precision": precision},
         }
     )
     if fake:  # the driver's own memory: queue files read back as actors would, zeros out
@@ -198,7 +206,9 @@ def child_stage(root: str, model: str, batch_size: int, fake: bool) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_stage_child(texts: list[str], model: str, batch_size: int, fake: bool) -> dict:
+def run_stage_child(
+    texts: list[str], model: str, batch_size: int, fake: bool, precision: str = "float32"
+) -> dict:
     """The stage on ``texts`` in a child process (its peak RSS is the stage driver's alone)."""
     root = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     try:
@@ -213,6 +223,8 @@ def run_stage_child(texts: list[str], model: str, batch_size: int, fake: bool) -
             model,
             "--batch-size",
             str(batch_size),
+            "--precision",
+            precision,
             *(["--fake-encoder"] if fake else []),
         ]
         start = time.perf_counter()
@@ -262,6 +274,12 @@ def main() -> None:
     parser.add_argument("--mix", action="store_true", help="length-realistic mix (any --n)")
     parser.add_argument("--model", default="packaged:all-minilm-l6-v2")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the stage's and bare_traced's encoder (bare stays sentence-transformers float32)",
+    )
     parser.add_argument("--file-order", action="store_true", help="also time unsorted Ray")
     parser.add_argument(
         "--parts",
@@ -279,7 +297,9 @@ def main() -> None:
     parser.add_argument("--fake-encoder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_stage:
-        return child_stage(args.child_stage, args.model, args.batch_size, args.fake_encoder)
+        return child_stage(
+            args.child_stage, args.model, args.batch_size, args.fake_encoder, args.precision
+        )
     if args.stage_memory:
         sizes = [int(x) for x in args.stage_memory.split(",")]
         return stage_memory(sizes, args.model, args.batch_size, args.name)
@@ -300,15 +320,15 @@ def main() -> None:
         now = datetime.datetime.now(datetime.UTC)
         deadline = now.replace(hour=hour, minute=minute, second=0, microsecond=0).timestamp()
 
-    trace = ensure_traced_encoder(model_path)
-    backend = resolve_backend("auto", model_path, use_gpu=False)
+    trace = ensure_traced_encoder(model_path, precision=args.precision)
+    backend = resolve_backend("auto", model_path, use_gpu=False, precision=args.precision)
     # Everything loaded and started before timing (the old layout: only encoding is timed).
     torch.set_num_threads(cpus)
     model = load_sentence_encoder(model_path)
     model.encode(texts[:64], batch_size=args.batch_size)  # warm-up
     bare_traced = None
     if args.parts and backend == "traced":
-        bare_traced = make_encoder(model_path, "cpu", cpus, "traced")
+        bare_traced = make_encoder(model_path, "cpu", cpus, "traced", args.precision)
         torch.set_num_threads(cpus)
     ray_started = not args.no_ray or args.file_order
     if ray_started:
@@ -323,7 +343,12 @@ def main() -> None:
     def ray_encode(sort: bool, run_backend: str):
         def encode(part: list[str]) -> np.ndarray:
             return embed_texts(
-                part, model_path, args.batch_size, sort_by_length=sort, backend=run_backend
+                part,
+                model_path,
+                args.batch_size,
+                sort_by_length=sort,
+                backend=run_backend,
+                precision=args.precision,
             )
 
         return encode
@@ -331,7 +356,7 @@ def main() -> None:
     stage_info: dict = {}
 
     def stage_encode(part: list[str]) -> np.ndarray:
-        result = run_stage_child(part, args.model, args.batch_size, fake=False)
+        result = run_stage_child(part, args.model, args.batch_size, False, args.precision)
         stage_info.update({k: v for k, v in result.items() if k != "vectors"})
         return result["vectors"]
 
@@ -414,6 +439,9 @@ def main() -> None:
             f["max_abs_diff_to_bare"] = float(
                 np.abs(vectors[name][:common] - reference[:common]).max()
             )
+            f["min_cosine_to_bare"] = float(
+                (vectors[name][:common] * reference[:common]).sum(axis=1).min()
+            )
         if "bare_traced" in parts and name not in ("bare", "bare_traced"):
             f["ratio_to_bare_traced"] = per_second(name) / per_second("bare_traced")
         if name == "stage":
@@ -442,6 +470,7 @@ def main() -> None:
         "mix": args.mix,
         "model": args.model,
         "batch_size": args.batch_size,
+        "precision": args.precision,
         "cpus": cpus,
         "repeats": args.repeats,
         "parts": list(parts),
@@ -449,7 +478,10 @@ def main() -> None:
         "timing": "end to end per run, Ray actor start included; median over rounds",
     }
     path = write_result(args.name, figures, config)
-    print_table(f"Embedding {len(texts)} instructions, {cpus} CPUs, batch {args.batch_size}", rows)
+    title = f"Embedding {len(texts)} instructions, {cpus} CPUs, batch {args.batch_size}"
+    if args.precision != "float32":
+        title += f", stage and bare_traced in {args.precision} (bare: float32)"
+    print_table(title, rows)
     print(f"\nwritten {path}")
 
 

@@ -356,6 +356,13 @@ class EmbedConfig(Section):
         "and checked against sentence-transformers; actors start in ~1.5 s instead of ~8 s), "
         "`sentence-transformers`, or `auto` (traced on CPU when the trace checks out).",
     )
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="The encoder's weights and activations.  `bfloat16` runs ~2.7x faster on "
+        "CPUs with AMX (Intel Sapphire Rapids and later) and suits GPUs; its vectors differ from "
+        "float32's by up to ~0.005 a coordinate (cosine >= 0.998) and are cached apart.  Slow on "
+        "CPUs without bfloat16 instructions.",
+    )
 
     @model_validator(mode="after")
     def _backend_fits_device(self) -> EmbedConfig:

@@ -190,3 +190,18 @@ def test_embed_then_filter_end_to_end_leaks_no_real_text(ray_local, tiny_encoder
     from tests.test_ingest import _loose_paths
 
     assert _loose_paths(run_dir.private_root) == []
+
+    # bfloat16 vectors are not float32's: embedded again under a cache key of their own, close to
+    # them; back in float32 nothing is embedded again and the vectors are the first run's.
+    bf16 = config_from_tree({**tree, "embed": {**tree["embed"], "precision": "bfloat16"}})
+    third = run_stage(STAGES["embed"], bf16, run_dir)
+    assert (
+        third.summary["synthetic_embedded_now"] == 300 and third.summary["precision"] == "bfloat16"
+    )
+    _, vectors16 = read_set(run_dir.root / "embed" / "synthetic")
+    assert vectors16.dtype == np.float32 and not np.array_equal(vectors16, vectors2)
+    assert (vectors16 * vectors2).sum(axis=1).min() > 0.99
+    assert np.allclose(np.linalg.norm(vectors16, axis=1), 1.0, atol=1e-5)
+    fourth = run_stage(STAGES["embed"], config, run_dir)
+    assert fourth.summary["synthetic_embedded_now"] == 0
+    assert np.array_equal(read_set(run_dir.root / "embed" / "synthetic")[1], vectors2)

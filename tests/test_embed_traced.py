@@ -87,6 +87,45 @@ def test_token_batches_cover_every_row_once_within_rows_and_budget():
                 assert (stop - start + 1) * max(1, lengths[start]) > budget
 
 
+def test_bfloat16_trace_is_checked_against_float32_and_cached_apart(tiny_encoder, cache):
+    entry32 = ensure_traced_encoder(tiny_encoder)
+    entry16 = ensure_traced_encoder(tiny_encoder, precision="bfloat16")
+    assert entry16.verified, entry16.reason
+    assert entry16.directory != entry32.directory
+    assert json.loads((entry16.directory / "meta.json").read_text())["precision"] == "bfloat16"
+    assert 0 < entry16.max_abs_diff <= traced.BF16_TOLERANCE
+    reference = TracedSentenceEncoder(entry32).encode(TEXTS)
+    mine = TracedSentenceEncoder(entry16).encode(TEXTS)
+    assert mine.dtype == np.float32 and mine.shape == reference.shape
+    assert np.allclose(np.linalg.norm(mine, axis=1), 1.0, atol=1e-6)
+    assert (mine * reference).sum(axis=1).min() > 0.99 and not np.array_equal(mine, reference)
+    assert resolve_backend("auto", str(tiny_encoder), False, "bfloat16") == "traced"
+    with pytest.raises(ValueError, match="precision"):
+        ensure_traced_encoder(tiny_encoder, precision="float16")
+
+
+def test_sentence_transformers_backend_in_bfloat16_returns_float32_unit_rows(tiny_encoder):
+    from dpray.stages.embed.encode import make_encoder
+
+    fp32 = make_encoder(str(tiny_encoder), "cpu", 1, "sentence-transformers")(TEXTS, 4)
+    bf16 = make_encoder(str(tiny_encoder), "cpu", 1, "sentence-transformers", "bfloat16")(TEXTS, 4)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert np.allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-6)
+    assert (bf16 * fp32).sum(axis=1).min() > 0.99
+
+
+def test_embedding_cache_keys_keep_float32_and_bfloat16_vectors_apart(tiny_encoder):
+    from dpray.stages.embed.store import embedding_key, model_fingerprint
+
+    assert embedding_key(tiny_encoder) == model_fingerprint(tiny_encoder)  # caches stay valid
+    assert embedding_key(tiny_encoder, "bfloat16") != embedding_key(tiny_encoder)
+    base = {"data": {"path": "demo://"}, "privacy": {"epsilon": 4.0, "delta": 1e-5}}
+    tree = {**base, "embed": {"precision": "bfloat16"}}
+    assert config_from_tree(tree).embed.precision == "bfloat16"
+    with pytest.raises(ConfigError, match="precision"):
+        config_from_tree({**base, "embed": {"precision": "float16"}})
+
+
 def test_a_model_the_trace_cannot_reproduce_is_refused_and_auto_falls_back(tmp_path, cache):
     """A default prompt is text that sentence-transformers adds before tokenising; the traced
     graph never sees it, so the check must catch the difference and keep the model on

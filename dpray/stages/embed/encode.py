@@ -79,11 +79,12 @@ class EncoderActor:
         device: str,
         threads: int,
         backend: str = "sentence-transformers",
+        precision: str = "float32",
     ) -> None:
         from dpray.resources import local_device
 
         self.batch_size = batch_size
-        self.encode = make_encoder(model_path, local_device(device), threads, backend)
+        self.encode = make_encoder(model_path, local_device(device), threads, backend, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = self.encode(list(batch["text"]), self.batch_size)
@@ -94,14 +95,18 @@ BACKENDS = ("auto", "traced", "sentence-transformers")
 
 
 def make_encoder(
-    model_path: str, device: str, threads: int, backend: str
+    model_path: str, device: str, threads: int, backend: str, precision: str = "float32"
 ) -> Callable[[list[str], int], np.ndarray]:
-    """``encode(texts, batch_size)`` -> L2-normalised float32 rows, on a resolved backend."""
+    """``encode(texts, batch_size)`` -> L2-normalised float32 rows, on a resolved backend, with
+    the encoder's weights and activations at ``precision`` (float32 or bfloat16)."""
+    from dpray.stages.embed.traced import check_precision
+
+    check_precision(precision)
     if backend == "traced":
         from dpray.stages.embed.traced import TracedSentenceEncoder, ensure_traced_encoder
 
         # A cache hit on the driver's node; on another node of a cluster, traced there once.
-        entry = ensure_traced_encoder(model_path)
+        entry = ensure_traced_encoder(model_path, precision=precision)
         return TracedSentenceEncoder(entry, threads).encode
     if backend != "sentence-transformers":
         raise ValueError(f"unresolved embedding backend {backend!r}")
@@ -112,6 +117,21 @@ def make_encoder(
     if device == "cpu":
         torch.set_num_threads(max(1, threads))
     model = load_sentence_encoder(model_path, device=device)
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
+
+        def encode_bf16(texts: list[str], batch_size: int) -> np.ndarray:
+            vectors = model.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_tensor=True,
+                show_progress_bar=False,
+            )
+            vectors = vectors.float().cpu()  # numpy has no bfloat16; normalised again in float32
+            return torch.nn.functional.normalize(vectors, dim=-1).numpy()
+
+        return encode_bf16
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return model.encode(
@@ -125,7 +145,9 @@ def make_encoder(
     return encode
 
 
-def resolve_backend(backend: str, model_path: str, use_gpu: bool) -> str:
+def resolve_backend(
+    backend: str, model_path: str, use_gpu: bool, precision: str = "float32"
+) -> str:
     """``traced`` or ``sentence-transformers``: the dispatch table of (backend, device).
 
     =========================  =============================================  =====================
@@ -144,7 +166,7 @@ def resolve_backend(backend: str, model_path: str, use_gpu: bool) -> str:
         raise ValueError("embedding backend 'traced' runs on CPU only; use 'auto' with GPUs")
     from dpray.stages.embed.traced import ensure_traced_encoder
 
-    entry = ensure_traced_encoder(model_path)
+    entry = ensure_traced_encoder(model_path, precision=precision)
     if entry.verified:
         return "traced"
     if backend == "traced":
@@ -177,6 +199,7 @@ class PoolSettings:
     threads: int
     backend: str
     tokenizer_file: Path | None
+    precision: str = "float32"
 
 
 def pool_settings(
@@ -186,19 +209,21 @@ def pool_settings(
     num_actors: int | None,
     use_gpu: bool,
     backend: str,
+    precision: str = "float32",
 ) -> PoolSettings:
     """Actors for ``texts`` texts (one per CPU or GPU of the alive nodes, at most one per batch),
     their shape, and the backend (with the traced tokenizer, for sorting by token count)."""
     actors = num_actors or default_num_actors(use_gpu)
     actors = max(1, min(actors, math.ceil(texts / batch_size)))
     shape = actor_shape(actors, use_gpu)
-    backend = resolve_backend(backend, model_path, use_gpu)
+    backend = resolve_backend(backend, model_path, use_gpu, precision)
     tokenizer_file = None
     if backend == "traced":
         from dpray.stages.embed.traced import ensure_traced_encoder
 
-        tokenizer_file = ensure_traced_encoder(model_path).tokenizer_file
-    return PoolSettings(actors, shape, 1 if use_gpu else shape.cpus, backend, tokenizer_file)
+        tokenizer_file = ensure_traced_encoder(model_path, precision=precision).tokenizer_file
+    threads = 1 if use_gpu else shape.cpus
+    return PoolSettings(actors, shape, threads, backend, tokenizer_file, precision)
 
 
 def embed_texts(
@@ -209,17 +234,21 @@ def embed_texts(
     use_gpu: bool = False,
     sort_by_length: bool = True,
     backend: str = "auto",
+    precision: str = "float32",
 ) -> np.ndarray:
     """(n, d) float32 L2-normalised embeddings of ``texts``, in input order, on Ray Data.
 
     Needs a connected Ray (the pipeline calls ``ensure_ray``).  ``sort_by_length=False`` exists
-    for the benchmark's file-order comparison only; ``backend`` as in :func:`resolve_backend`.
+    for the benchmark's file-order comparison only; ``backend`` as in :func:`resolve_backend`;
+    ``precision``: the encoder's float32 or bfloat16 (vectors are float32 either way).
     """
     import ray
 
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
-    pool = pool_settings(len(texts), model_path, batch_size, num_actors, use_gpu, backend)
+    pool = pool_settings(
+        len(texts), model_path, batch_size, num_actors, use_gpu, backend, precision
+    )
     actors, shape, threads, backend = pool.actors, pool.shape, pool.threads, pool.backend
     tokenizer_file = pool.tokenizer_file
     if sort_by_length:
@@ -246,6 +275,7 @@ def embed_texts(
             "device": "auto",  # resolved in the actor, from the GPU Ray gave it
             "threads": threads,
             "backend": backend,
+            "precision": pool.precision,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -39,7 +39,7 @@ from dpray.rundir import RunDir, write_json
 from dpray.stages.base import StageResult
 from dpray.stages.embed.digests import DigestIndex, first_unique, pack
 from dpray.stages.embed.encode import pool_settings, resolve_backend
-from dpray.stages.embed.store import EmbeddingCache, _tmp_path, model_fingerprint, text_hash
+from dpray.stages.embed.store import EmbeddingCache, _tmp_path, embedding_key, text_hash
 from dpray.stages.embed.stream import (
     CacheAppender,
     SetWriter,
@@ -137,7 +137,7 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
     ec = config.embed
     start = time.monotonic()
     model_path = resolve_sentence_encoder(ec.model)
-    key = model_fingerprint(model_path)
+    key = embedding_key(model_path, ec.precision)
     shards = sample_shards(run_dir)
     if not shards:
         raise SourceError(f"{run_dir.root / 'sample'}: no synthetic shards (run `dpray sample`)")
@@ -147,10 +147,11 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
     caches = {s: zones.setdefault(cache_root(run_dir, s), _cache(run_dir, s, key)) for s in sides}
     # Texts to embed wait in files: synthetic ones with the public cache, real ones in private/.
     queue_dir = {s: cache_root(run_dir, s) / key for s in sides}
-    backend = resolve_backend(ec.backend, str(model_path), ec.use_gpu)
+    backend = resolve_backend(ec.backend, str(model_path), ec.use_gpu, ec.precision)
     tokenizer_file = None
     if backend == "traced":
-        tokenizer_file = ensure_traced_encoder(str(model_path)).tokenizer_file
+        entry = ensure_traced_encoder(str(model_path), precision=ec.precision)
+        tokenizer_file = entry.tokenizer_file
     lengths = length_function(str(model_path), tokenizer_file)
     queues = {
         s: TextQueue(_tmp_path(queue_dir[s] / f"queue-{s}.parquet"), ec.batch_size, lengths)
@@ -207,7 +208,13 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
         if sum(new_rows.values()):
             todo = sum(new_rows.values())
             pool = pool_settings(
-                todo, str(model_path), ec.batch_size, ec.num_actors, ec.use_gpu, backend
+                todo,
+                str(model_path),
+                ec.batch_size,
+                ec.num_actors,
+                ec.use_gpu,
+                backend,
+                ec.precision,
             )
             for queue, hashes, vectors in encode_queues(
                 closed, str(model_path), ec.batch_size, pool=pool, nodes=nodes
@@ -216,10 +223,11 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
             for appender in appenders.values():
                 appender.flush()
             log.info(
-                "embed: %d texts with %d %s actor(s) on %d node(s), %d thread(s) each",
+                "embed: %d texts with %d %s actor(s) (%s) on %d node(s), %d thread(s) each",
                 todo,
                 pool.actors,
                 pool.backend,
+                pool.precision,
                 len(nodes),
                 pool.threads,
             )
@@ -252,6 +260,7 @@ def embed_sets(config: DprayConfig, run_dir: RunDir, chunk_rows: int) -> StageRe
     public = {
         "model": ec.model,
         "model_key": key,
+        "precision": ec.precision,
         "dim": int(dim),
         "synthetic_rows": rows["synthetic"],
         "synthetic_embedded_now": new["synthetic"],

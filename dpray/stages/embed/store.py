@@ -42,6 +42,13 @@ def model_fingerprint(model_path: str | Path, extra: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
+def embedding_key(model_path: str | Path, precision: str = "float32") -> str:
+    """Key of the vectors an encoder makes: :func:`model_fingerprint`, and the precision when it
+    is not float32 (bfloat16 vectors differ from float32's in the third decimal; float32 keys are
+    those of before the precision existed, so existing caches stay valid)."""
+    return model_fingerprint(model_path, "" if precision == "float32" else precision)
+
+
 def write_set(prefix: Path, ids: pa.Table, vectors: np.ndarray) -> tuple[Path, Path]:
     """Write ``<prefix>.npy`` and ``<prefix>.parquet`` atomically (rows aligned)."""
     if len(ids) != len(vectors):

@@ -176,13 +176,19 @@ class QueueEncoderActor:
     handed, reading their texts from the queue files itself."""
 
     def __init__(
-        self, queues: list[str], model_path: str, batch_size: int, threads: int, backend: str
+        self,
+        queues: list[str],
+        model_path: str,
+        batch_size: int,
+        threads: int,
+        backend: str,
+        precision: str = "float32",
     ) -> None:
         from dpray.resources import local_device
 
         self.queues = queues
         self.batch_size = batch_size
-        self.encode = make_encoder(model_path, local_device("auto"), threads, backend)
+        self.encode = make_encoder(model_path, local_device("auto"), threads, backend, precision)
         self._files: dict[int, pq.ParquetFile] = {}
         import ray
 
@@ -218,6 +224,7 @@ def encode_queues(
     backend: str = "auto",
     pool=None,
     nodes: Counter | None = None,
+    precision: str = "float32",
 ) -> Iterator[tuple[int, list[str], np.ndarray]]:
     """Yield (queue index, hashes, vectors) as the actors finish batches, in no fixed order.
 
@@ -232,7 +239,7 @@ def encode_queues(
         return
     if pool is None:
         rows = sum(pq.ParquetFile(path).metadata.num_rows for path, groups in queues if groups)
-        pool = pool_settings(rows, model_path, batch_size, num_actors, use_gpu, backend)
+        pool = pool_settings(rows, model_path, batch_size, num_actors, use_gpu, backend, precision)
     files = [str(path) for path, _ in queues]
     for first in range(0, len(work), GROUPS_PER_PASS):
         part = work[first : first + GROUPS_PER_PASS]
@@ -254,6 +261,7 @@ def encode_queues(
                 "batch_size": batch_size,
                 "threads": pool.threads,
                 "backend": pool.backend,
+                "precision": pool.precision,
             },
             batch_size=None,  # one call per block
             batch_format="numpy",

@@ -21,6 +21,11 @@ case, non-ASCII, code, empty) in batches of several shapes, and used only when e
 agrees within :data:`TOLERANCE`; otherwise that verdict is cached and actors load the model
 through sentence-transformers.
 
+Precision: ``bfloat16`` traces the model cast to bfloat16 (2.7x faster on one core of a CPU
+with AMX, 1,500 instructions: 7.5 s against 20.2 s), checked against float32
+sentence-transformers within :data:`BF16_TOLERANCE`.  Its vectors are not float32's, so the
+embedding cache keys them apart (:func:`dpray.stages.embed.store.embedding_key`).
+
 Cache: ``$DPRAY_CACHE_DIR/encoders/<name>-<key>/`` (``model.pt``, ``tokenizer.json``,
 ``meta.json``), keyed by the model directory's files and the torch / tokenizers versions; built
 under a file lock, so the actors of one node trace at most once.
@@ -50,6 +55,14 @@ FORMAT_VERSION = 1
 
 TOLERANCE = 1e-5
 """Largest |traced - sentence-transformers| coordinate (unit-norm vectors) accepted."""
+
+PRECISIONS = ("float32", "bfloat16")
+"""Encoder weights and activations: float32, or bfloat16 (see :data:`BF16_TOLERANCE`)."""
+
+BF16_TOLERANCE = 0.02
+"""Largest |bfloat16 trace - float32 sentence-transformers| coordinate accepted.  Measured on
+MiniLM-L6 over 1,500 length-realistic instructions: at most 0.0042, cosine >= 0.998, and each
+text's nearest neighbour among the others the same for 98.9% of them."""
 
 PROBE_TEXTS: tuple[str, ...] = (
     "Write a haiku about autumn leaves.",
@@ -124,26 +137,38 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "tokenizers": tokenizers.__version__}
 
 
-def trace_key(model_path: str | Path) -> str:
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}; choose from {PRECISIONS}")
+    return precision
+
+
+def trace_key(model_path: str | Path, precision: str = "float32") -> str:
     """Cache key: the model directory's fingerprint (every file's name, size, mtime), versions,
-    format."""
+    format, and the precision (float32 keys are those of before the precision existed)."""
     from dpray.stages.embed.store import model_fingerprint
 
-    return model_fingerprint(model_path, extra=f"{FORMAT_VERSION}|{sorted(_versions().items())}")
+    extra = f"{FORMAT_VERSION}|{sorted(_versions().items())}"
+    if check_precision(precision) != "float32":
+        extra += f"|{precision}"
+    return model_fingerprint(model_path, extra=extra)
 
 
-def trace_dir(model_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+def trace_dir(
+    model_path: str | Path, cache_dir: str | Path | None = None, precision: str = "float32"
+) -> Path:
     from dpray.models import default_cache_dir
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = "".join(c if c.isalnum() else "-" for c in Path(model_path).name.lower())[:40]
-    return root / "encoders" / f"{name}-{trace_key(model_path)}"
+    return root / "encoders" / f"{name}-{trace_key(model_path, precision)}"
 
 
 def ensure_traced_encoder(
-    model_path: str | Path, cache_dir: str | Path | None = None
+    model_path: str | Path, cache_dir: str | Path | None = None, precision: str = "float32"
 ) -> TracedEncoderEntry:
-    """The checked trace of ``model_path`` (built once per cache dir, under a file lock).
+    """The checked trace of ``model_path`` at ``precision`` (built once per cache dir, under a
+    file lock).
 
     Always returns an entry; ``entry.verified`` says whether it may be used (``reason`` says why
     not).  A failed check is cached as well: a model that cannot be traced costs the attempt
@@ -151,7 +176,7 @@ def ensure_traced_encoder(
     """
     from dpray.models.loader import _file_lock
 
-    final = trace_dir(model_path, cache_dir)
+    final = trace_dir(model_path, cache_dir, precision)
     cached = TracedEncoderEntry.read(final)
     if cached is not None:
         return cached
@@ -166,7 +191,7 @@ def ensure_traced_encoder(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             start = time.perf_counter()
-            meta = _trace_and_check(str(model_path), tmp)
+            meta = _trace_and_check(str(model_path), tmp, precision)
             meta["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             for item in tmp.rglob("*"):
@@ -199,14 +224,29 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _trace_and_check(model_path: str, out: Path) -> dict[str, Any]:
-    """Trace ``model_path``'s module stack into ``out``; compare with sentence-transformers."""
+def _trace_and_check(model_path: str, out: Path, precision: str = "float32") -> dict[str, Any]:
+    """Trace ``model_path``'s module stack at ``precision`` into ``out``; compare with
+    sentence-transformers in float32."""
     import torch
 
     from dpray.models import load_sentence_encoder
 
     meta: dict[str, Any] = {"format": FORMAT_VERSION, **_versions(), "verified": False}
+    meta["precision"] = check_precision(precision)
     model = load_sentence_encoder(model_path, device="cpu").eval()
+    batch_sizes = (1, 3, len(PROBE_TEXTS))  # several batch shapes and paddings
+    references = {  # float32, before any cast
+        batch_size: model.encode(
+            list(PROBE_TEXTS),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        for batch_size in batch_sizes
+    }
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
     hf_tokenizer = model.tokenizer
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -260,22 +300,16 @@ def _trace_and_check(model_path: str, out: Path) -> dict[str, Any]:
     entry = TracedEncoderEntry(out, True, "", names, padding)
     encoder = TracedSentenceEncoder(entry, threads=1)
     diff = 0.0
-    for batch_size in (1, 3, len(PROBE_TEXTS)):  # several batch shapes and paddings
-        reference = model.encode(
-            list(PROBE_TEXTS),
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+    for batch_size, reference in references.items():
         mine = encoder.encode(list(PROBE_TEXTS), batch_size=batch_size)
         if mine.shape != reference.shape:
             meta["reason"] = f"shape {mine.shape} != sentence-transformers {reference.shape}"
             return meta
         diff = max(diff, float(np.abs(mine - reference).max()))
     meta["max_abs_diff"] = diff
-    if not diff <= TOLERANCE:
-        meta["reason"] = f"max |diff| to sentence-transformers {diff:.1e} > {TOLERANCE:.0e}"
+    tolerance = TOLERANCE if precision == "float32" else BF16_TOLERANCE
+    if not diff <= tolerance:
+        meta["reason"] = f"max |diff| to sentence-transformers {diff:.1e} > {tolerance:.0e}"
         return meta
     meta.update(verified=True, reason="ok", dim=int(mine.shape[1]))
     return meta

@@ -123,11 +123,11 @@ def _embed_cached(texts: list[str], cache_root: Path, config: DprayConfig) -> np
     (the same cache folders the embed stage uses, so it re-embeds nothing later)."""
     from dpray.models import resolve_sentence_encoder
     from dpray.stages.embed.encode import embed_texts
-    from dpray.stages.embed.store import EmbeddingCache, model_fingerprint, text_hash
+    from dpray.stages.embed.store import EmbeddingCache, embedding_key, text_hash
 
     ec = config.embed
     model_path = resolve_sentence_encoder(ec.model)
-    cache = EmbeddingCache(cache_root / model_fingerprint(model_path))
+    cache = EmbeddingCache(cache_root / embedding_key(model_path, ec.precision))
     hashes = [text_hash(t) for t in texts]
     first = dict(zip(hashes, texts, strict=True))
     todo = cache.missing(hashes)
@@ -139,6 +139,7 @@ def _embed_cached(texts: list[str], cache_root: Path, config: DprayConfig) -> np
             ec.num_actors,
             ec.use_gpu,
             backend=ec.backend,
+            precision=ec.precision,
         )
         cache.add(todo, vectors)
     dim = cache.dim()
