@@ -360,7 +360,7 @@ class EmbedConfig(Section):
         "float32",
         description="The encoder's weights and activations.  `bfloat16` runs ~2.7x faster on "
         "CPUs with AMX (Intel Sapphire Rapids and later) and suits GPUs; its vectors differ from "
-        "float32's by up to ~0.005 a coordinate (cosine >= 0.998) and are cached apart.  Slow on "
+        "float32's by up to ~0.005 a coordinate (cosine >= 0.9997) and are cached apart.  Slow on "
         "CPUs without bfloat16 instructions.",
     )
 
