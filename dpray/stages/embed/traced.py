@@ -62,8 +62,9 @@ PRECISIONS = ("float32", "bfloat16")
 
 BF16_TOLERANCE = 0.02
 """Largest |bfloat16 trace - float32 sentence-transformers| coordinate accepted.  Measured on
-MiniLM-L6 over 1,500 length-realistic instructions: at most 0.0042, cosine >= 0.998, and each
-text's nearest neighbour among the others the same for 98.9% of them."""
+MiniLM-L6: 0.0025 on the probes; over 30k length-realistic instructions at most 0.0042 and
+cosine >= 0.9997; on 6,000 real ones the same nearest k-means centre (fit on the float32 vectors)
+for 99.92% at K = 50 and 99.97% at K = 200."""
 
 PROBE_TEXTS: tuple[str, ...] = (
     "Write a haiku about autumn leaves.",
@@ -139,6 +140,7 @@ def _versions() -> dict[str, str]:
 
 
 def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError`` naming them."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown encoder precision {precision!r}; choose from {PRECISIONS}")
     return precision
