@@ -70,6 +70,26 @@ def test_token_budget_batches_give_the_same_vectors(tiny_encoder, cache, budget)
     assert cut.shape == whole.shape and np.abs(cut - whole).max() < 1e-5
 
 
+def test_offset_free_tokenisation_gives_the_same_model_inputs(tiny_encoder, cache):
+    """``encode_batch`` (offsets skipped where the library can) feeds the model exactly what the
+    full encodings would, with and without special tokens, truncation and padding as saved."""
+    from tokenizers import Tokenizer
+
+    entry = ensure_traced_encoder(tiny_encoder)
+    tokenizer = Tokenizer.from_file(str(entry.tokenizer_file))
+    for special in (True, False):
+        full = tokenizer.encode_batch(TEXTS, add_special_tokens=special)
+        fast = traced.encode_batch(tokenizer, TEXTS, add_special_tokens=special)
+        for a, b in zip(full, fast, strict=True):
+            assert (a.ids, a.type_ids, a.attention_mask) == (b.ids, b.type_ids, b.attention_mask)
+
+    class OldTokenizer:  # a tokenizers release without encode_batch_fast
+        encode_batch = tokenizer.encode_batch
+
+    old = traced.encode_batch(OldTokenizer(), TEXTS)
+    assert [e.ids for e in old] == [e.ids for e in tokenizer.encode_batch(TEXTS)]
+
+
 def test_token_batches_cover_every_row_once_within_rows_and_budget():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from dpray.stages.embed.traced import encode_batch
+
 log = logging.getLogger(__name__)
 
 BATCHES_PER_BLOCK = 1
@@ -57,7 +59,7 @@ def token_lengths(
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
             tokenizer.no_truncation()
             tokenizer.no_padding()
-            encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+            encoded = encode_batch(tokenizer, texts, add_special_tokens=False)
             return np.fromiter((len(e.ids) for e in encoded), np.int64, len(texts))
         from transformers import AutoTokenizer
 

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from dpray.stages.embed.digests import pack
 from dpray.stages.embed.encode import TASKS_IN_FLIGHT_PER_ACTOR, make_encoder, pool_settings
 from dpray.stages.embed.store import EmbeddingCache, _tmp_path
+from dpray.stages.embed.traced import encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def length_function(
             tokenizer.no_padding()
 
             def count(part: list[str]) -> list[int]:
-                encoded = tokenizer.encode_batch(part, add_special_tokens=False)
+                encoded = encode_batch(tokenizer, part, add_special_tokens=False)
                 return [len(e.ids) for e in encoded]
 
         else:

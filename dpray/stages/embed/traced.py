@@ -318,6 +318,19 @@ def _trace_and_check(model_path: str, out: Path, precision: str = "float32") -> 
     return meta
 
 
+def encode_batch(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
+    """``tokenizer.encode_batch`` without character offsets where the library can skip them.
+
+    Why: nothing here reads offsets (ids, type ids and the mask are the same either way), and
+    ``encode_batch_fast`` (``tokenizers`` >= 0.21) skips them: ~30% less tokenizer time, which
+    is the driver's sort before the actors start and ~0.2% of an encoder's time per text.
+    """
+    fast = getattr(tokenizer, "encode_batch_fast", None)
+    if fast is None:
+        return tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+    return fast(texts, add_special_tokens=add_special_tokens)
+
+
 def pad_batch(encodings: list[Any], names: tuple[str, ...], padding: Padding) -> dict[str, Any]:
     """int64 arrays ``names`` for a batch of (truncated, unpadded) ``tokenizers`` encodings,
     padded to the batch's longest row the way the model's tokenizer pads."""
@@ -373,7 +386,7 @@ class TracedSentenceEncoder:
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         budget = TOKEN_BUDGET if token_budget is None else token_budget
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = encode_batch(self.tokenizer, list(texts))
         lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
         order = np.argsort(-lengths, kind="stable")
         out: np.ndarray | None = None
