@@ -206,3 +206,30 @@ def test_importing_the_embedding_actor_does_not_import_every_stage():
     from dpray.stages import STAGE_ORDER, STAGES
 
     assert set(STAGE_ORDER) == set(STAGES)
+
+
+def test_the_embedding_driver_looks_the_trace_up_without_importing_torch(tiny_encoder, cache):
+    """The stage's driver resolves the model, finds the cached trace, picks the backend, keys
+    the cache and sorts by token count; the actors encode.  None of that needs torch (~1.2 s and
+    ~200 MB a standalone ``dpray embed`` driver used to spend importing it)."""
+    entry = ensure_traced_encoder(tiny_encoder)  # traced here (that does need torch)
+    code = (
+        "import sys\n"
+        "from dpray.models import resolve_sentence_encoder\n"
+        "from dpray.stages.embed import stage\n"
+        "from dpray.stages.embed.encode import resolve_backend\n"
+        "from dpray.stages.embed.store import embedding_key\n"
+        "from dpray.stages.embed.stream import length_function\n"
+        "from dpray.stages.embed.traced import ensure_traced_encoder\n"
+        f"path = resolve_sentence_encoder({str(tiny_encoder)!r})\n"
+        "assert resolve_backend('auto', path, False) == 'traced'\n"
+        "entry = ensure_traced_encoder(path)\n"
+        "print(entry.directory, embedding_key(path, 'float32'))\n"
+        "print(list(length_function(path, entry.tokenizer_file)(['one two', 'x'])))\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers') "
+        "if m in sys.modules]\n"
+        "print(heavy); sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].startswith(str(entry.directory))  # the same cache entry

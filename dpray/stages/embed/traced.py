@@ -133,10 +133,23 @@ class TracedEncoderEntry:
 
 
 def _versions() -> dict[str, str]:
-    import tokenizers
-    import torch
+    """torch's and tokenizers' versions, from the installed distributions' metadata.
 
-    return {"torch": torch.__version__, "tokenizers": tokenizers.__version__}
+    Why not ``torch.__version__``: importing torch (~1.2 s, ~200 MB) only to read it would make
+    every driver that looks the trace up (the embedding stage's, whose actors do the encoding)
+    import torch.  The two agree (the metadata carries the local tag, e.g. ``+cpu``); an
+    imported module's own version wins where one is loaded (a source build may differ)."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "tokenizers"):
+        module = sys.modules.get(name)
+        try:
+            out[name] = module.__version__ if module is not None else version(name)
+        except PackageNotFoundError:  # a source tree on the path: import it after all
+            out[name] = __import__(name).__version__
+    return out
 
 
 def check_precision(precision: str) -> str:
