@@ -134,3 +134,25 @@ def test_train_generator_passes_with_the_driver_capped_below_the_model(tmp_path)
     assert result["summary"]["trainable_parameters"] > 0  # counted from the config
     assert not result["driver_loads_model"]  # the cap is below what loading the model needs
     assert (tmp_path / "run" / "generator" / "adapter" / "adapter_config.json").exists()
+
+
+def test_loading_every_stage_imports_no_model_library():
+    """Every ``dpray <stage>`` command and Ray job loads the whole stage registry
+    (:func:`dpray.stages.load_stages`).  The heavy libraries belong to the code that builds or
+    runs a model (Ray workers, or a stage's own run); a registry that imported them cost every
+    command ~1.7 s and ~240 MB of driver memory (torch, opacus) before doing anything."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import dpray.cli, dpray.pipeline
+        from dpray.stages import load_stages
+        load_stages()
+        heavy = ("torch", "transformers", "trl", "peft", "opacus", "deepspeed",
+                 "sentence_transformers", "vllm")
+        loaded = [m for m in heavy if m in sys.modules]
+        print(loaded)
+        sys.exit(1 if loaded else 0)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from dpray.rundir import read_json, write_json
 
@@ -77,7 +78,7 @@ def _tokenizer_dir(base: Path, adapter: Path | None) -> Path:
 
 
 def load_causal_lm(
-    spec: str | Path, dtype: torch.dtype = torch.float32, device: str | None = "cpu"
+    spec: str | Path, dtype: torch.dtype | str = "float32", device: str | None = "cpu"
 ):
     """``(model, tokenizer)``: the base model with the adapter (if any) merged in, in eval mode.
 
@@ -104,7 +105,7 @@ def _placed(model: Any, device: str | None) -> Any:
 
 
 def load_reward_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = "cpu"
+    path: str | Path, dtype: torch.dtype | str = "float32", device: str | None = "cpu"
 ):
     """``(model, tokenizer)`` of a one-logit sequence-classification reward model."""
     from transformers import AutoModelForSequenceClassification
@@ -133,7 +134,7 @@ def fp32_score_head(model: Any) -> Any:
     return model
 
 
-def new_reward_model(spec: str, dtype: torch.dtype = torch.float32):
+def new_reward_model(spec: str, dtype: torch.dtype | str = "float32"):
     """A fresh reward model (random one-logit head) on the causal LM ``spec``'s backbone."""
     from transformers import AutoModelForSequenceClassification
 

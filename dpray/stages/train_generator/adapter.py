@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dpray.stages.train_generator.plan import LoraLayout
+from dpray.stages.train_generator.plan import CHECK_FILE, LoraLayout
 
-CHECK_FILE = "adapter_check.json"
 STAGE_NAME = "train-generator"
 
 

@@ -161,13 +161,6 @@ def make_aggregator(
     raise ValueError(f"unknown noise scheme '{scheme}' (central, secure)")
 
 
-def resolve_scheme(requested: str, num_workers: int) -> str:
-    """``auto`` → secure with more than one worker, central with one."""
-    if requested == "auto":
-        return "secure" if num_workers > 1 else "central"
-    return requested
-
-
 def secure_event_fields(agg: SecureAggregator) -> dict:
     """The public parameters the ledger records for a Skellam event."""
     cfg = agg.cfg
@@ -183,6 +176,5 @@ __all__ = [
     "CentralAggregator",
     "SecureAggregator",
     "make_aggregator",
-    "resolve_scheme",
     "secure_event_fields",
 ]

@@ -15,6 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dpray.privacy.mechanisms.gaussian import subsampled_gaussian_event
+from dpray.privacy.mechanisms.skellam import subsampled_skellam_event
+
+STATE_FILE = "state.json"
+"""A worker's checkpointed training state (``worker`` writes it, the driver looks for it)."""
+
+CHECK_FILE = "adapter_check.json"
+"""Rank 0's record that the saved adapter reloads to the trained one (``adapter`` writes it)."""
+
 
 @dataclass(frozen=True)
 class LoraLayout:
@@ -100,3 +109,25 @@ def trainable_parameter_count(model_path: str, layout: LoraLayout) -> int:
         base = AutoModelForCausalLM.from_config(config)
         model = get_peft_model(base, layout.lora_config())
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def event_for(plan: TrainPlan, steps: int, secure_fields: dict | None):
+    """The ledger event of ``steps`` executed steps: the central or the secure mechanism's."""
+    common = {
+        "noise_multiplier": plan.noise_multiplier,
+        "sampling_rate": plan.sampling_rate,
+        "steps": steps,
+        "run_id": plan.run_id,
+    }
+    if secure_fields is None:
+        return subsampled_gaussian_event("train-generator", **common)
+    return subsampled_skellam_event(
+        "train-generator", clip_norm=plan.clip_norm, **common, **secure_fields
+    )
+
+
+def resolve_scheme(requested: str, num_workers: int) -> str:
+    """``auto`` → secure with more than one worker, central with one."""
+    if requested == "auto":
+        return "secure" if num_workers > 1 else "central"
+    return requested

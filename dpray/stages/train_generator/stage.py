@@ -57,11 +57,16 @@ from dpray.resources import WorkerShape, fit_workers
 from dpray.rundir import RunDir, file_digest, read_json, write_json
 from dpray.runtime import progress_enabled
 from dpray.stages.base import Stage, StageResult, register
-from dpray.stages.train_generator.adapter import CHECK_FILE, read_check, resave_on_ray
 from dpray.stages.train_generator.formats import PromptFormat, build_format, resolve_format
-from dpray.stages.train_generator.noise import resolve_scheme
-from dpray.stages.train_generator.plan import LoraLayout, TrainPlan, trainable_parameter_count
-from dpray.stages.train_generator.worker import STATE_FILE, event_for, train_loop_per_worker
+from dpray.stages.train_generator.plan import (
+    CHECK_FILE,
+    STATE_FILE,
+    LoraLayout,
+    TrainPlan,
+    event_for,
+    resolve_scheme,
+    trainable_parameter_count,
+)
 
 log = logging.getLogger(__name__)
 STAGE_NAME = "train-generator"
@@ -358,6 +363,8 @@ def _record(planned: Planned, config: DprayConfig, run_dir: RunDir, checkpoint_d
     """After training: the summary, ``generator.json``, the ledger's exact figure, run.json."""
     plan, public = planned.plan, planned.public
     private, adapter_dir = Path(plan.private_dir), Path(plan.adapter_dir)
+    from dpray.stages.train_generator.adapter import read_check  # torch: only when it ran
+
     changed = read_check(private, plan.run_id)  # rank 0 saved and verified the adapter
     summary = {
         "units": plan.num_units,
@@ -440,6 +447,8 @@ def _reuse_finished(
         # the key pins the config: the same LoRA layout as the finished run
         model_path = str(resolve_causal_lm(config.train.model))
         layout = LoraLayout.from_config(config)
+        from dpray.stages.train_generator.adapter import resave_on_ray
+
         resave_on_ray(model_path, layout, final, adapter_dir, shape.cpus)
         log_reuse(STAGE_NAME, f"run {record['run_id']}, adapter re-saved from its final checkpoint")
     else:
@@ -504,6 +513,8 @@ def _launch(plan: TrainPlan, tc, shape: WorkerShape) -> Path:
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dpray.stages.train_generator.worker import train_loop_per_worker
 
     pinning = {}
     if tc.partition_labels is not None:

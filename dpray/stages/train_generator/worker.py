@@ -28,8 +28,6 @@ import torch
 
 from dpray.io import partitions as parts
 from dpray.privacy.ledger import Ledger
-from dpray.privacy.mechanisms.gaussian import subsampled_gaussian_event
-from dpray.privacy.mechanisms.skellam import subsampled_skellam_event
 from dpray.stages.train_generator.adapter import CHECK_FILE, build_lora_model, save_and_verify
 from dpray.stages.train_generator.data import (
     PoissonSampler,
@@ -47,12 +45,11 @@ from dpray.stages.train_generator.dp_sgd import (
     wrap_for_per_sample_grads,
 )
 from dpray.stages.train_generator.noise import make_aggregator, secure_event_fields
-from dpray.stages.train_generator.plan import TrainPlan
+from dpray.stages.train_generator.plan import STATE_FILE, TrainPlan, event_for
 from dpray.worker_progress import StepBar
 
 log = logging.getLogger("dpray.train")
 
-STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -63,21 +60,6 @@ class InjectedFault(RuntimeError):
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def event_for(plan: TrainPlan, steps: int, secure_fields: dict | None):
-    """The ledger event of ``steps`` executed steps: the central or the secure mechanism's."""
-    common = {
-        "noise_multiplier": plan.noise_multiplier,
-        "sampling_rate": plan.sampling_rate,
-        "steps": steps,
-        "run_id": plan.run_id,
-    }
-    if secure_fields is None:
-        return subsampled_gaussian_event("train-generator", **common)
-    return subsampled_skellam_event(
-        "train-generator", clip_norm=plan.clip_norm, **common, **secure_fields
-    )
 
 
 def train_loop_per_worker(config: dict) -> None:
