@@ -9,6 +9,12 @@ carries no private record: folders, counts and public ids only.
 :func:`trainable_parameter_count` is how the driver learns the LoRA size (the secure mechanism's
 dimension, the summary) without weights: the model is built from its config on the ``meta``
 device, where tensors have shapes but no storage.
+
+The rest of what the driver shares with the workers lives here too, in a module that imports
+neither torch nor opacus: :func:`event_for` (the ledger event of a run, which the driver checks
+before launching and the workers record), :func:`resolve_scheme`, and the names of the files the
+workers leave for the driver.  Every ``dpray`` command loads this stage's module; the worker and
+adapter modules (torch, opacus, peft) are imported only where training or re-saving runs.
 """
 
 from __future__ import annotations
