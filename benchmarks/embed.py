@@ -353,11 +353,11 @@ def main() -> None:
 
         return encode
 
-    stage_info: dict = {}
+    stage_rounds: list[dict] = []  # the child's own figures, one per round
 
     def stage_encode(part: list[str]) -> np.ndarray:
         result = run_stage_child(part, args.model, args.batch_size, False, args.precision)
-        stage_info.update({k: v for k, v in result.items() if k != "vectors"})
+        stage_rounds.append({k: v for k, v in result.items() if k != "vectors"})
         return result["vectors"]
 
     # name -> encode(texts); the relative speed guesses size a part to a deadline.
@@ -445,20 +445,35 @@ def main() -> None:
         if "bare_traced" in parts and name not in ("bare", "bare_traced"):
             f["ratio_to_bare_traced"] = per_second(name) / per_second("bare_traced")
         if name == "stage":
+
+            def median_of(key: str) -> float:
+                return statistics.median(r[key] for r in stage_rounds)
+
             f.update(
-                driver_peak_rss_bytes=stage_info["peak_rss_bytes"],
-                prepare_seconds=stage_info["prepare_seconds"],
-                encode_seconds=stage_info["encode_seconds"],
-                child_wall_seconds=round(stage_info["wall_seconds_with_start"], 2),
+                driver_peak_rss_bytes=max(r["peak_rss_bytes"] for r in stage_rounds),
+                prepare_seconds=median_of("prepare_seconds"),
+                encode_seconds=median_of("encode_seconds"),
+                child_wall_seconds=round(median_of("wall_seconds_with_start"), 2),
                 # The stage alone, Ray already up (as in `dpray run`, which starts Ray once for
                 # every stage): the child's own clock around embed_sets.  The headline ratios
                 # above also count the child's start, its imports and Ray's start and shutdown.
-                seconds_ray_up=round(stage_info["seconds"], 2),
+                seconds_ray_up=round(median_of("seconds"), 2),
+                rounds_ray_up=[round(r["seconds"], 2) for r in stage_rounds],
             )
-            ray_up_rate = counts[name] / stage_info["seconds"]  # the last round's
+            ray_up_rate = counts[name] / median_of("seconds")
             f["ratio_to_bare_ray_up"] = ray_up_rate / bare_rate
             if "bare_traced" in parts:
                 f["ratio_to_bare_traced_ray_up"] = ray_up_rate / per_second("bare_traced")
+        if name != "bare" and len(seconds[name]) > 1 and deadline is None:
+            # each round's ratio of its own times (all parts ran on the same texts per round)
+            f["ratio_to_bare_per_round"] = [
+                round(b / x, 3) for x, b in zip(seconds[name], seconds["bare"], strict=True)
+            ]
+            if "bare_traced" in parts and name != "bare_traced":
+                f["ratio_to_bare_traced_per_round"] = [
+                    round(b / x, 3)
+                    for x, b in zip(seconds[name], seconds["bare_traced"], strict=True)
+                ]
         figures[name] = f
     figures["goal_ratio"] = 1.3
     figures["goals_issue_17"] = {"stage_to_bare": 1.8, "stage_to_bare_traced": 0.9}
