@@ -11,6 +11,8 @@ Measured in one run on the same model and batch, interleaved, medians of several
     python -m benchmarks.train_step                 # SmolLM2-135M, LoRA r=8 q/k/v/o, 16 x 64
     python -m benchmarks.train_step --model tiny --repeats 3   # seconds, for a quick check
     python -m benchmarks.train_step --skip-single-process      # secure vs central only
+    python -m benchmarks.train_step --skip-single-process --numpy-sampler
+        # + a third scheme: secure with the numpy PTRS round instead of the compiled one
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from benchmarks.common import interleaved, print_table, write_result
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NUMPY_SAMPLER = "secure_numpy_ptrs"
 
 
 def real_batch(tokenizer, batch: int, tokens: int) -> list[np.ndarray]:
@@ -117,9 +120,10 @@ def single_process(model_path: str, seqs, repeats: int) -> dict:
     }
 
 
-def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
+def _two_worker(rank, world, store, model_path, seqs, repeats, block, out, numpy_sampler=False):
     import torch.distributed as dist
 
+    from dpray.privacy.secure_agg import csprng
     from dpray.privacy.secure_agg.aggregator import (
         all_reduce_int64,
         decode,
@@ -144,18 +148,27 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
     gsm = wrap_for_per_sample_grads(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     dim = sum(p.numel() for p in params)
-    aggregators = {
-        "central": CentralAggregator(noise_multiplier=1.0, clip_norm=1.0),
-        "secure": SecureAggregator(
+
+    def secure_aggregator():
+        return SecureAggregator(
             dim, noise_multiplier=1.0, clip_norm=1.0, max_units_per_worker=64, session=b"b" * 16
-        ),
-    }
-    steps = {"central": 0, "secure": 0}  # each scheme counts its own steps, as in training
-    samples: dict[str, list[float]] = {"central": [], "secure": []}
-    rounds: list[float] = []
+        )
+
+    aggregators = {"central": CentralAggregator(noise_multiplier=1.0, clip_norm=1.0)}
+    aggregators["secure"] = secure_aggregator()
+    # the same scheme, its share's Poisson rounds drawn by the numpy form (csprng._ptrs_chunk)
+    # instead of the compiled kernel: what the kernel saves, in the same run
+    if numpy_sampler:
+        aggregators[NUMPY_SAMPLER] = secure_aggregator()
+    backend = csprng.PTRS_BACKEND
+    steps = dict.fromkeys(aggregators, 0)  # each scheme counts its own steps, as in training
+    samples: dict[str, list[float]] = {name: [] for name in aggregators}
+    rounds: dict[str, list[float]] = {name: [] for name in aggregators if name != "central"}
 
     def step(name):
         agg = aggregators[name]
+        # the side thread reads the backend when it draws, which is within this step
+        csprng.PTRS_BACKEND = "numpy" if name == NUMPY_SAMPLER else backend
         # this step's share, drawn on the side thread during its backward pass: the training
         # loop starts it right after the previous step's update, as here
         agg.prefetch(steps[name])
@@ -165,6 +178,7 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
         noisy = agg(local.vector, steps[name])
         apply_update(opt, params, noisy, len(seqs))
         steps[name] += 1
+        csprng.PTRS_BACKEND = backend
         return time.perf_counter() - start
 
     for name in aggregators:  # warm-up
@@ -178,7 +192,8 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
             times = [step(name) for _ in range(block + 1)][1:]
             samples[name] += times
             medians[name] = statistics.median(times)
-        rounds.append(medians["secure"] / medians["central"])
+        for name in rounds:
+            rounds[name].append(medians[name] / medians["central"])
     # the pieces, one at a time: the side thread's share (Skellam noise + masks + rounding
     # words), the encode with it, the int64 all-reduce, and the decode
     secure = aggregators["secure"]
@@ -202,25 +217,50 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out):
         pieces["decode"].append(time.perf_counter() - t0)
     if rank == 0:
         medians = {k: statistics.median(v) for k, v in (samples | pieces).items()}
-        result = {"seconds": medians, "dim": dim, "ratio_per_round": rounds, "block": block}
+        result = {
+            "seconds": medians,
+            "dim": dim,
+            "ptrs_backend": backend,
+            "ratio_per_round": rounds["secure"],
+            "block": block,
+        }
+        if numpy_sampler:
+            result["ratio_per_round_" + NUMPY_SAMPLER] = rounds[NUMPY_SAMPLER]
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def two_workers(model_path: str, seqs, repeats: int, block: int = 2) -> dict:
+def two_workers(
+    model_path: str, seqs, repeats: int, block: int = 2, numpy_sampler: bool = False
+) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         mp.spawn(
             _two_worker,
-            args=(2, os.path.join(tmp, "store"), model_path, seqs, repeats, block, out),
+            args=(
+                2,
+                os.path.join(tmp, "store"),
+                model_path,
+                seqs,
+                repeats,
+                block,
+                out,
+                numpy_sampler,
+            ),
             nprocs=2,
             join=True,
         )
         result = json.loads(Path(out).read_text())
     s = result["seconds"]
     result["ratio_secure_over_central"] = s["secure"] / s["central"]
+    result["median_round_ratio"] = statistics.median(result["ratio_per_round"])
+    if numpy_sampler:
+        result["ratio_" + NUMPY_SAMPLER + "_over_central"] = s[NUMPY_SAMPLER] / s["central"]
+        result["median_round_ratio_" + NUMPY_SAMPLER] = statistics.median(
+            result["ratio_per_round_" + NUMPY_SAMPLER]
+        )
     return result
 
 
@@ -238,6 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--block", type=int, default=2, help="timed consecutive steps per scheme and round"
+    )
+    parser.add_argument(
+        "--numpy-sampler",
+        action="store_true",
+        help="also time secure steps whose Poisson rounds use the numpy form, not the C kernel",
     )
     args = parser.parse_args(argv)
     if args.skip_two_workers and args.skip_single_process:
@@ -265,15 +310,29 @@ def main(argv: list[str] | None = None) -> dict:
             ),
         ]
     if not args.skip_two_workers:
-        tw = figures["two_workers"] = two_workers(model_path, seqs, args.repeats, args.block)
+        tw = figures["two_workers"] = two_workers(
+            model_path, seqs, args.repeats, args.block, args.numpy_sampler
+        )
         ms = {k: f"{v * 1e3:.1f} ms" for k, v in tw["seconds"].items()}
         rows += [
             ("2 workers: central DP step", f"{tw['seconds']['central']:.3f} s"),
-            ("2 workers: secure / central", f"{tw['ratio_secure_over_central']:.3f}x"),
+            (
+                "2 workers: secure / central (median round)",
+                f"{tw['ratio_secure_over_central']:.3f}x ({tw['median_round_ratio']:.3f}x)",
+            ),
             (f"secure offset, side thread ({tw['dim']} params)", ms["offset"]),
             ("secure encode | decode", f"{ms['encode']} | {ms['decode']}"),
             ("int64 all-reduce (gloo)", ms["allreduce"]),
         ]
+        if args.numpy_sampler:
+            key = NUMPY_SAMPLER
+            rows.append(
+                (
+                    "secure, numpy PTRS / central (median round)",
+                    f"{tw['ratio_' + key + '_over_central']:.3f}x "
+                    f"({tw['median_round_ratio_' + key]:.3f}x)",
+                )
+            )
     config = vars(args) | {"threads": torch.get_num_threads()}
     name = "train_step_two_workers" if args.skip_single_process else "train_step"
     path = write_result(name, figures, config)

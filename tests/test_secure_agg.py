@@ -12,6 +12,7 @@ from scipy import stats
 from scipy.linalg import hadamard
 
 from dpray.privacy.secure_agg import aggregator as agg
+from dpray.privacy.secure_agg import csprng
 from dpray.privacy.secure_agg.aggregator import (
     SecureAggConfig,
     encode,
@@ -427,8 +428,13 @@ def _reference_ptrs(gen: SecureRandom, count: int, lam: float) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("backend", ["compiled", "numpy"])
 @pytest.mark.parametrize("lam", [10.0, 37.5, 1e4, 3e9, MAX_LAMBDA])
-def test_chunked_poisson_is_bit_identical_to_the_whole_array_sampler(lam):
+def test_chunked_poisson_is_bit_identical_to_the_whole_array_sampler(lam, backend, monkeypatch):
+    # both rounds: the compiled kernel (_ptrs.c) and the numpy chunks it falls back to
+    if backend == "compiled":
+        _require_compiled_ptrs()
+    monkeypatch.setattr(csprng, "PTRS_BACKEND", backend)
     # more draws than one chunk, so chunk edges and several rejection rounds are exercised
     count = 3 * (1 << 15) + 17
     fast = _srng(21).poisson(count, lam).numpy()
@@ -436,6 +442,82 @@ def test_chunked_poisson_is_bit_identical_to_the_whole_array_sampler(lam):
     # the same key gives the same draws; another key does not
     assert np.array_equal(fast, _srng(21).poisson(count, lam).numpy())
     assert not np.array_equal(fast, _srng(22).poisson(count, lam).numpy())
+
+
+def _require_compiled_ptrs() -> None:
+    # Not a skip: an install that silently failed to build the kernel should fail here (CI and
+    # developer installs compile it; only a machine without a C compiler runs the numpy form).
+    assert csprng._compiled_ptrs_round is not None, (
+        "dpray.privacy.secure_agg._ptrs is not built: reinstall with a C compiler "
+        "(pip install -e .); the numpy sampler is being used"
+    )
+
+
+def test_the_compiled_ptrs_round_is_built_and_used():
+    _require_compiled_ptrs()
+    assert csprng.ptrs_backend() == "compiled"
+
+
+@pytest.mark.parametrize("lam", [12.0, 1e4, MAX_LAMBDA])
+def test_compiled_ptrs_round_matches_the_numpy_round_on_millions_of_draws(lam):
+    """One round over 2^21 candidates, same words: the same draws, acceptances and rejected
+    positions (the C library's log and numpy's may differ in the last bit; this checks that no
+    acceptance test on these draws sits that close)."""
+    _require_compiled_ptrs()
+    m = 1 << 21
+    gen = _srng(31)
+    u_words, v_words = gen.random_words(m), gen.random_words(m)
+    consts = csprng._PtrsConstants(lam)
+    draws, accept = np.empty(m, np.int64), np.empty(m, np.bool_)
+    rejected = np.empty(m, np.int64)
+    n_rejected = csprng._compiled_ptrs_round(
+        u_words, v_words, *consts.kernel_args, csprng._LOG_FACTORIAL, draws, accept, rejected
+    )
+    want_draws, want_accept = np.empty(m, np.int64), np.empty(m, np.bool_)
+    for start in range(0, m, csprng._CHUNK):
+        stop = start + csprng._CHUNK
+        want_accept[start:stop] = csprng._ptrs_chunk(
+            u_words[start:stop].copy(), v_words[start:stop].copy(), consts, want_draws[start:stop]
+        )
+    assert np.array_equal(accept, want_accept)
+    assert np.array_equal(draws, want_draws)
+    assert np.array_equal(rejected[:n_rejected], np.flatnonzero(~want_accept))
+    assert 0.05 < n_rejected / m < 0.3  # PTRS rejects ~11% at large λ, ~23% at λ = 12
+
+
+def test_compiled_ptrs_round_checks_its_buffers():
+    _require_compiled_ptrs()
+    ptrs_round = csprng._compiled_ptrs_round
+    consts = csprng._PtrsConstants(100.0)
+    m = 64
+    words = np.zeros(m, np.uint64)
+    table = csprng._LOG_FACTORIAL
+
+    def call(
+        u=words, v=words, lam_args=consts.kernel_args, tab=table, out=None, acc=None, rej=None
+    ):
+        out = np.empty(m, np.int64) if out is None else out
+        acc = np.empty(m, np.bool_) if acc is None else acc
+        rej = np.empty(m, np.int64) if rej is None else rej
+        return ptrs_round(u, v, *lam_args, tab, out, acc, rej)
+
+    call()  # well-formed
+    with pytest.raises(ValueError, match="v_words"):
+        call(v=np.zeros(m - 1, np.uint64))
+    with pytest.raises(ValueError, match="draws"):
+        call(out=np.empty(m, np.int32))
+    with pytest.raises(ValueError, match="rejected"):
+        call(rej=np.empty(m - 1, np.int64))
+    with pytest.raises(ValueError, match="log_factorial"):
+        call(tab=table[:5])
+    with pytest.raises(ValueError, match="lam"):
+        call(lam_args=(5.0, *consts.kernel_args[1:]))
+    read_only = np.empty(m, np.int64)
+    read_only.flags.writeable = False
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        call(out=read_only)
+    with pytest.raises(ValueError):  # not contiguous
+        call(u=np.zeros(2 * m, np.uint64)[::2])
 
 
 def test_skellam_at_the_training_share_size_is_skellam():
