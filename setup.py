@@ -1,8 +1,9 @@
-"""The one compiled piece of dpray: the PTRS Poisson round of the secure-aggregation noise share.
+"""The one compiled piece of dpray: secure aggregation's Poisson sampler round (``_kernels.c``).
 
 Everything else is in pyproject.toml.  The extension is optional: without a C compiler the
-install still succeeds and :mod:`dpray.privacy.secure_agg.csprng` falls back to its numpy form,
-which draws the same values ~2x slower (tests/test_secure_agg.py checks that this build exists).
+install still succeeds and :mod:`dpray.privacy.secure_agg.kernels` falls back to the numpy form,
+which computes the same values with ~2x the CPU (tests/test_secure_agg.py checks that this build
+exists, so CI and developer installs cannot lose it silently).
 """
 
 import sys
@@ -16,8 +17,8 @@ COMPILE_ARGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "
 setup(
     ext_modules=[
         Extension(
-            "dpray.privacy.secure_agg._ptrs",
-            sources=["dpray/privacy/secure_agg/_ptrs.c"],
+            "dpray.privacy.secure_agg._kernels",
+            sources=["dpray/privacy/secure_agg/_kernels.c"],
             extra_compile_args=COMPILE_ARGS,
             optional=True,
         )

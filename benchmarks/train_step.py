@@ -123,7 +123,7 @@ def single_process(model_path: str, seqs, repeats: int) -> dict:
 def _two_worker(rank, world, store, model_path, seqs, repeats, block, out, numpy_sampler=False):
     import torch.distributed as dist
 
-    from dpray.privacy.secure_agg import csprng
+    from dpray.privacy.secure_agg import kernels
     from dpray.privacy.secure_agg.aggregator import (
         all_reduce_int64,
         decode,
@@ -157,10 +157,10 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out, numpy
     aggregators = {"central": CentralAggregator(noise_multiplier=1.0, clip_norm=1.0)}
     aggregators["secure"] = secure_aggregator()
     # the same scheme, its share's Poisson rounds drawn by the numpy form (csprng._ptrs_chunk)
-    # instead of the compiled kernel: what the kernel saves, in the same run
+    # instead of the compiled kernel (kernels.BACKEND): what the kernel saves, in the same run
     if numpy_sampler:
         aggregators[NUMPY_SAMPLER] = secure_aggregator()
-    backend = csprng.PTRS_BACKEND
+    backend = kernels.BACKEND
     steps = dict.fromkeys(aggregators, 0)  # each scheme counts its own steps, as in training
     samples: dict[str, list[float]] = {name: [] for name in aggregators}
     rounds: dict[str, list[float]] = {name: [] for name in aggregators if name != "central"}
@@ -168,7 +168,7 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out, numpy
     def step(name):
         agg = aggregators[name]
         # the side thread reads the backend when it draws, which is within this step
-        csprng.PTRS_BACKEND = "numpy" if name == NUMPY_SAMPLER else backend
+        kernels.BACKEND = "numpy" if name == NUMPY_SAMPLER else backend
         # this step's share, drawn on the side thread during its backward pass: the training
         # loop starts it right after the previous step's update, as here
         agg.prefetch(steps[name])
@@ -178,7 +178,7 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out, numpy
         noisy = agg(local.vector, steps[name])
         apply_update(opt, params, noisy, len(seqs))
         steps[name] += 1
-        csprng.PTRS_BACKEND = backend
+        kernels.BACKEND = backend
         return time.perf_counter() - start
 
     for name in aggregators:  # warm-up

@@ -299,11 +299,11 @@ def test_dockerfile_installs_vllm_before_torch_users():
 
 
 def test_dockerfile_builds_the_compiled_noise_kernel():
-    """The image copies setup.py (it builds the C PTRS round) and refuses an image without it."""
+    """The image copies setup.py (it builds the C kernels) and refuses an image without them."""
     text = (CLUSTER / "Dockerfile").read_text()
     copy = next(line for line in text.splitlines() if line.startswith("COPY pyproject.toml"))
     assert "setup.py" in copy.split()
-    assert "build-essential" in text and "ptrs_backend() == 'compiled'" in text
+    assert "build-essential" in text and "backend() == 'compiled'" in text
 
 
 # -------------------------------------------------------------------------------- job configs

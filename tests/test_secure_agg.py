@@ -12,7 +12,7 @@ from scipy import stats
 from scipy.linalg import hadamard
 
 from dpray.privacy.secure_agg import aggregator as agg
-from dpray.privacy.secure_agg import csprng
+from dpray.privacy.secure_agg import csprng, kernels
 from dpray.privacy.secure_agg.aggregator import (
     SecureAggConfig,
     encode,
@@ -431,31 +431,51 @@ def _reference_ptrs(gen: SecureRandom, count: int, lam: float) -> np.ndarray:
 @pytest.mark.parametrize("backend", ["compiled", "numpy"])
 @pytest.mark.parametrize("lam", [10.0, 37.5, 1e4, 3e9, MAX_LAMBDA])
 def test_chunked_poisson_is_bit_identical_to_the_whole_array_sampler(lam, backend, monkeypatch):
-    # both rounds: the compiled kernel (_ptrs.c) and the numpy chunks it falls back to
+    # both rounds: the compiled kernel (_kernels.c) and the numpy chunks it falls back to
     if backend == "compiled":
-        _require_compiled_ptrs()
-    monkeypatch.setattr(csprng, "PTRS_BACKEND", backend)
+        _require_compiled_kernels()
+    monkeypatch.setattr(kernels, "BACKEND", backend)
     # more draws than one chunk, so chunk edges and several rejection rounds are exercised
     count = 3 * (1 << 15) + 17
-    fast = _srng(21).poisson(count, lam).numpy()
-    assert np.array_equal(fast, _reference_ptrs(_srng(21), count, lam))
+    gen, oracle = _srng(21), _srng(21)
+    fast = gen.poisson(count, lam).numpy()
+    assert np.array_equal(fast, _reference_ptrs(oracle, count, lam))
+    # and both left the stream at the same place
+    assert gen.words_drawn == oracle.words_drawn
+    assert np.array_equal(gen.random_words(5), oracle.random_words(5))
     # the same key gives the same draws; another key does not
     assert np.array_equal(fast, _srng(21).poisson(count, lam).numpy())
     assert not np.array_equal(fast, _srng(22).poisson(count, lam).numpy())
 
 
-def _require_compiled_ptrs() -> None:
-    # Not a skip: an install that silently failed to build the kernel should fail here (CI and
-    # developer installs compile it; only a machine without a C compiler runs the numpy form).
-    assert csprng._compiled_ptrs_round is not None, (
-        "dpray.privacy.secure_agg._ptrs is not built: reinstall with a C compiler "
-        "(pip install -e .); the numpy sampler is being used"
+def test_the_stream_can_be_opened_at_any_word():
+    """SecureRandom reads two positions of its stream at once (the compiled PTRS round): a
+    stream opened at word w is the one long stream from word w, also past 2^32 blocks."""
+    gen = _srng(40)
+    long = gen.random_words(1000)
+    for word in (0, 1, 7, 8, 9, 513, 992):
+        opened = gen._encryptor_at(word).update(bytes(64))
+        assert opened == long[word : word + 8].tobytes()
+    # OpenSSL carries the 32-bit block counter into the next nonce word: block 2^32 - 1 then
+    # block 2^32 in one stream equal the two blocks opened separately
+    last = (2**32 - 1) * 8  # words per 64-byte block: 8
+    across = gen._encryptor_at(last).update(bytes(128))
+    assert across[64:] == gen._encryptor_at(last + 8).update(bytes(64))
+    assert across[64:] != gen._encryptor_at(0).update(bytes(64))  # no wrap to block 0
+
+
+def _require_compiled_kernels() -> None:
+    # Not a skip: an install that silently failed to build the kernels should fail here (CI and
+    # developer installs compile them; only a machine without a C compiler runs the numpy forms).
+    assert kernels.compiled is not None, (
+        "dpray.privacy.secure_agg._kernels is not built: reinstall with a C compiler "
+        "(pip install -e .); the numpy forms are being used"
     )
 
 
-def test_the_compiled_ptrs_round_is_built_and_used():
-    _require_compiled_ptrs()
-    assert csprng.ptrs_backend() == "compiled"
+def test_the_compiled_kernels_are_built_and_used():
+    _require_compiled_kernels()
+    assert kernels.backend() == "compiled"
 
 
 @pytest.mark.parametrize("lam", [12.0, 1e4, MAX_LAMBDA])
@@ -463,14 +483,14 @@ def test_compiled_ptrs_round_matches_the_numpy_round_on_millions_of_draws(lam):
     """One round over 2^21 candidates, same words: the same draws, acceptances and rejected
     positions (the C library's log and numpy's may differ in the last bit; this checks that no
     acceptance test on these draws sits that close)."""
-    _require_compiled_ptrs()
+    _require_compiled_kernels()
     m = 1 << 21
     gen = _srng(31)
     u_words, v_words = gen.random_words(m), gen.random_words(m)
     consts = csprng._PtrsConstants(lam)
     draws, accept = np.empty(m, np.int64), np.empty(m, np.bool_)
     rejected = np.empty(m, np.int64)
-    n_rejected = csprng._compiled_ptrs_round(
+    n_rejected = kernels.compiled.ptrs_round(
         u_words, v_words, *consts.kernel_args, csprng._LOG_FACTORIAL, draws, accept, rejected
     )
     want_draws, want_accept = np.empty(m, np.int64), np.empty(m, np.bool_)
@@ -486,8 +506,8 @@ def test_compiled_ptrs_round_matches_the_numpy_round_on_millions_of_draws(lam):
 
 
 def test_compiled_ptrs_round_checks_its_buffers():
-    _require_compiled_ptrs()
-    ptrs_round = csprng._compiled_ptrs_round
+    _require_compiled_kernels()
+    ptrs_round = kernels.compiled.ptrs_round
     consts = csprng._PtrsConstants(100.0)
     m = 64
     words = np.zeros(m, np.uint64)
@@ -518,6 +538,19 @@ def test_compiled_ptrs_round_checks_its_buffers():
         call(out=read_only)
     with pytest.raises(ValueError):  # not contiguous
         call(u=np.zeros(2 * m, np.uint64)[::2])
+
+
+def test_a_round_decodes_the_same_under_both_backends(monkeypatch):
+    """The whole protocol (noise, encode, sum, decode) gives the same bits with either backend."""
+    _require_compiled_kernels()
+    cfg = SecureAggConfig.create(
+        dim=5000, num_workers=3, noise_multiplier=1.0, clip_norm=1.0, max_norm=4.0
+    )
+    xs = [torch.randn(5000, generator=_gen(35 + i)) for i in range(3)]
+    monkeypatch.setattr(kernels, "BACKEND", "compiled")
+    reference = simulate_round(xs, cfg, step=3, seed=9)
+    monkeypatch.setattr(kernels, "BACKEND", "numpy")
+    assert torch.equal(simulate_round(xs, cfg, step=3, seed=9), reference)
 
 
 def test_skellam_at_the_training_share_size_is_skellam():

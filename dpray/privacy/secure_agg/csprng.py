@@ -9,7 +9,7 @@ output is indistinguishable from uniform to anyone without the key, and the key 
 object (it is not logged, pickled or checkpointed).
 
 On top of the uniform words it draws (vectorised numpy over cache-sized chunks; the Poisson
-rejection rounds in a small C kernel, ``_ptrs.c``, when the install compiled it):
+rejection rounds in a small C kernel, ``_kernels.c``, when the install compiled it):
 
 * uniforms in the open interval (0, 1) (53 random bits each);
 * Poisson(λ) by Hörmann's transformed rejection with squeeze (PTRS, 1993; what numpy and torch
@@ -36,23 +36,10 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from dpray.privacy.secure_agg import kernels
 from dpray.privacy.secure_agg.buffers import scratch
 
-try:  # the compiled PTRS round (setup.py); without it, the numpy form below draws the same values
-    from dpray.privacy.secure_agg._ptrs import ptrs_round as _compiled_ptrs_round
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _compiled_ptrs_round = None
-
-__all__ = ["SecureRandom", "keystream_into", "words_to_uniform", "ptrs_backend"]
-
-#: "compiled" (the C round in ``_ptrs.c``) or "numpy" (``_ptrs_chunk``): which one draws Poisson
-#: candidates.  Both give bit-identical draws for the same key; tests switch it to compare them.
-PTRS_BACKEND = "compiled" if _compiled_ptrs_round is not None else "numpy"
-
-
-def ptrs_backend() -> str:
-    """Which PTRS round this process uses: ``"compiled"`` or ``"numpy"`` (no C build)."""
-    return PTRS_BACKEND
+__all__ = ["SecureRandom", "keystream_into", "words_to_uniform"]
 
 
 _ZERO_BLOCK = bytes(1 << 18)  # ChaCha20 keystream = encryption of zeros, 256 KiB at a time
@@ -102,10 +89,25 @@ class SecureRandom:
         return obj
 
     def _init(self, key: bytes) -> None:
-        nonce = struct.pack("<IQ4s", 0, 0, b"srnd")
-        self._encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._key = key  # stays in this object (see __repr__ and __reduce__)
+        self._encryptor = self._encryptor_at(0)
         self._lock = threading.Lock()
         self.words_drawn = 0
+
+    def _encryptor_at(self, word: int):
+        """A ChaCha20 encryptor positioned at keystream word ``word`` (byte ``8·word``).
+
+        The 16-byte ChaCha20 "nonce" of ``cryptography`` is the 32-bit block counter followed by
+        the 96-bit nonce, and OpenSSL carries the counter into the next 32 bits, so our stream
+        (nonce words ``0, 0, "srnd"``) is one 64-bit block counter: block ``k`` starts at the
+        nonce ``pack("<QI4s", k, 0, "srnd")`` (tests check the carry against one long stream).
+        """
+        block, skip = divmod(8 * word, 64)
+        nonce = struct.pack("<QI4s", block, 0, b"srnd")
+        encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+        if skip:
+            encryptor.update(bytes(skip))
+        return encryptor
 
     def __repr__(self) -> str:  # never show the key
         return "SecureRandom(ChaCha20, OS-keyed)"
@@ -181,7 +183,7 @@ class SecureRandom:
         for the ``m`` draws still open, and every draw whose candidate is rejected is redrawn in
         the next round.
 
-        A round's arithmetic runs in the compiled kernel (``_ptrs.c``: one pass per element,
+        A round's arithmetic runs in the compiled kernel (``_kernels.c``: one pass per element,
         GIL released, ~2.3x faster) or, without a C build, chunk by chunk over cache-sized
         slices in numpy (:func:`_ptrs_chunk`); either does the exact acceptance test (two logs
         and :func:`_log_poisson_pmf`) only on the ~20% of candidates that miss the quick
@@ -194,20 +196,18 @@ class SecureRandom:
         todo: np.ndarray | None = None  # None: every index (the first round)
         while todo is None or todo.size:
             m = count if todo is None else todo.size
-            # the stream: m words for u, then m for v (temporaries: never leave this function)
-            u_words = self._words_into(scratch("ptrs-u", m, np.uint64))
-            v_words = self._words_into(scratch("ptrs-v", m, np.uint64))
             draws = out if todo is None else np.empty(m, dtype=np.int64)
             accept = scratch("ptrs-accept", m, np.bool_)
-            if PTRS_BACKEND == "compiled":  # one pass per element, without the GIL
+            if kernels.use_compiled():  # one pass per element, without the GIL
                 rejected = scratch("ptrs-rejected", m, np.int64)
-                n_rejected = _compiled_ptrs_round(
-                    u_words, v_words, *consts.kernel_args, _LOG_FACTORIAL, draws, accept, rejected
-                )
+                n_rejected = self._compiled_ptrs_round(m, consts, draws, accept, rejected)
                 if todo is None:
                     todo = rejected[:n_rejected].copy()
                     continue
             else:
+                # the stream: m words for u, then m for v (temporaries: never leave this function)
+                u_words = self._words_into(scratch("ptrs-u", m, np.uint64))
+                v_words = self._words_into(scratch("ptrs-v", m, np.uint64))
                 for start in range(0, m, _CHUNK):
                     stop = min(start + _CHUNK, m)
                     accept[start:stop] = _ptrs_chunk(
@@ -220,8 +220,52 @@ class SecureRandom:
                 todo = todo[~accept]
         return out
 
+    def _compiled_ptrs_round(
+        self,
+        m: int,
+        consts: _PtrsConstants,
+        draws: np.ndarray,
+        accept: np.ndarray,
+        rejected: np.ndarray,
+    ) -> int:
+        """One PTRS round of ``m`` candidates in the C kernel; returns how many were rejected.
 
-_CHUNK = 1 << 15  # draws per slice: a few float64 scratch arrays of 256 KiB stay in L2
+        It reads the same stream words as the numpy round (``m`` for ``u``, then ``m`` for
+        ``v``), but block by block from two positions at once -- the ``u`` block from here, the
+        ``v`` block from ``m`` words ahead -- so each block's words are still in the L2 cache
+        when the kernel reads them, instead of 16 MiB going out to memory and back per 2^20
+        draws.  The GIL is held only while a block's keystream is made (~40 µs)."""
+        block = min(m, _FUSED_BLOCK)
+        u_words = scratch("ptrs-u", block, np.uint64)
+        v_words = scratch("ptrs-v", block, np.uint64)
+        n_rejected = 0
+        with self._lock:
+            u_stream, v_stream = self._encryptor, self._encryptor_at(self.words_drawn + m)
+            for start in range(0, m, block):
+                stop = min(start + block, m)
+                u, v = u_words[: stop - start], v_words[: stop - start]
+                keystream_into(u_stream, u)
+                keystream_into(v_stream, v)
+                n_rejected += kernels.compiled.ptrs_round(
+                    u,
+                    v,
+                    *consts.kernel_args,
+                    _LOG_FACTORIAL,
+                    draws[start:stop],
+                    accept[start:stop],
+                    rejected[n_rejected:],
+                    start,
+                )
+            # the u stream has reached where the v stream began; continue after the v words
+            self._encryptor = v_stream
+            self.words_drawn += 2 * m
+        return n_rejected
+
+
+_CHUNK = 1 << 15
+_FUSED_BLOCK = (
+    1 << 15
+)  # compiled round: 256 KiB of u and of v words per block, in L2  # draws per slice: a few float64 scratch arrays of 256 KiB stay in L2
 
 
 class _PtrsConstants:

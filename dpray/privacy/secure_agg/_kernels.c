@@ -1,29 +1,33 @@
 /*
- * One round of Hörmann's PTRS Poisson sampler, compiled: the hot loop of the Skellam noise share.
+ * The compiled hot loop of secure aggregation: one round of Hörmann's PTRS Poisson sampler, which
+ * draws the Skellam noise share on the training worker's side thread.
  *
  * Why C: the numpy form (csprng._ptrs_chunk) makes ~20 passes over each chunk and spends ~45 ms
  * of a side thread's CPU per 2^20-coordinate Skellam share, which on a saturated 2-core node is
- * taken from the training threads.  This kernel does the same arithmetic in one pass per element
- * (the exact acceptance test only for the ~20% that miss the quick accept), without the GIL.
+ * taken from the training threads.  This kernel makes one pass per element (the exact acceptance
+ * test only for the ~20% that miss the quick accept, gathered first), without the GIL.  (The
+ * encode's rounding and the decode's residues were tried here too: they are memory bound, and
+ * compiled they were no faster than their chunked numpy forms.)
  *
  * Bit-identical to the numpy form for the same words: every floating-point operation is done in
  * the same order and the same IEEE double precision (the build passes -ffp-contract=off so no
  * multiply-add is fused), the log-factorial table comes from the caller, and the only library
  * calls are log and log1p, where the C library and numpy's vectorised log may differ in the last
  * bit; that can change a draw only if the acceptance test ties to within one ulp
- * (tests/test_secure_agg.py checks identity on several million draws).
+ * (tests/test_secure_agg.py checks identity on millions of draws).
  *
  * Interface (called by dpray.privacy.secure_agg.csprng, which owns the keystream and the
- * rejection rounds):
+ * rejection rounds; buffers are C-contiguous):
  *
  *   ptrs_round(u_words, v_words, lam, loglam, a, b, log_invalpha, vr, log_factorial,
- *              draws, accept, rejected) -> number rejected
+ *              draws, accept, rejected[, base]) -> number rejected
  *
- * u_words, v_words: C-contiguous uint64 buffers of length m (read only); log_factorial: float64
- * log(k!) for k < 10; draws (int64), accept (bool/uint8) and rejected (int64), each of length m,
- * are written: the candidate where accepted and 0 where rejected (a rejected candidate may not
- * fit an int64), the acceptance, and the rejected positions in ascending order (the first
- * `number rejected` entries).
+ * u_words, v_words: uint64[m] (read only); log_factorial: float64 log(k!) for k < 10; draws
+ * (int64[m]), accept (bool/uint8[m]) and rejected (int64, at least m) are written: the candidate
+ * where accepted and 0 where rejected (a rejected candidate may not fit an int64), the
+ * acceptance, and the rejected positions plus `base` (default 0) in ascending order (the first
+ * `number rejected` entries): a caller feeding a long round block by block passes each block's
+ * start as `base` and the rest of its rejected array.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +35,15 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The candidate loop is compiled three times on x86-64 Linux (AVX-512, AVX2, baseline) and the
+ * loader picks the best the CPU has: the baseline has no vector floor or uint64->double
+ * conversion.  Elsewhere it is compiled once, for the target's baseline. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
 
 #define STIRLING_MIN 10.0
 #define N_LOG_FACTORIAL 10
@@ -60,12 +73,8 @@ static inline double uniform(uint64_t w) {
     return ((double)(w >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
 
-/* Candidates and the quick acceptance for one block; branch free so the compiler vectorises it.
- * On x86-64 Linux it is compiled three times (AVX-512, AVX2, baseline) and the loader picks the
- * best the CPU has: the baseline has no vector floor or uint64->double conversion. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
+/* Candidates and the quick acceptance for one block; branch free so the compiler vectorises it. */
+VECTOR_CLONES
 static void candidates(const uint64_t *uw, const uint64_t *vw, Py_ssize_t n, double lam,
                        double two_a, double b, double vr, double *k, double *us, double *v,
                        uint8_t *acc) {
@@ -85,10 +94,11 @@ static void candidates(const uint64_t *uw, const uint64_t *vw, Py_ssize_t n, dou
     }
 }
 
-/* The whole round; rejected positions go to `rejected` (ascending), their count is returned. */
+/* The whole round; rejected positions (plus `base`) go to `rejected` in ascending order, and
+ * their count is returned. */
 static Py_ssize_t ptrs_kernel(const uint64_t *u_words, const uint64_t *v_words, Py_ssize_t m,
                               const ptrs_constants *c, int64_t *draws, uint8_t *accept,
-                              int64_t *rejected) {
+                              int64_t *rejected, int64_t base) {
     double k[BLOCK], us[BLOCK], v[BLOCK];
     int32_t slow[BLOCK];
     Py_ssize_t n_rejected = 0;
@@ -117,21 +127,24 @@ static Py_ssize_t ptrs_kernel(const uint64_t *u_words, const uint64_t *v_words, 
             draws[start + i] = acc[i] ? (int64_t)k[i] : 0;
         }
         for (int j = 0; j < n_slow; j++) {
-            rejected[n_rejected] = start + slow[j];
+            rejected[n_rejected] = base + start + slow[j];
             n_rejected += !acc[slow[j]];
         }
     }
     return n_rejected;
 }
 
-/* A contiguous buffer of `itemsize`-byte items, `count` of them (or any count if count < 0). */
-static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
-                      Py_ssize_t count, const char *name) {
+/* A contiguous buffer of `itemsize`-byte items: exactly `count` of them (any count if
+ * count < 0), or at least `count` with `at_least`. */
+static int get_buffer_ex(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
+                         Py_ssize_t count, int at_least, const char *name) {
     int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
         return -1;
     }
-    if (view->itemsize != itemsize || (count >= 0 && view->len != count * itemsize)) {
+    int bad_count = count >= 0 && (at_least ? view->len < count * itemsize
+                                            : view->len != count * itemsize);
+    if (view->itemsize != itemsize || bad_count) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes of %zd",
                      name, count, itemsize, view->len, view->itemsize);
         PyBuffer_Release(view);
@@ -140,12 +153,18 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t i
     return 0;
 }
 
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
+                      Py_ssize_t count, const char *name) {
+    return get_buffer_ex(obj, view, writable, itemsize, count, 0, name);
+}
+
 static PyObject *ptrs_round(PyObject *self, PyObject *args) {
     PyObject *u_obj, *v_obj, *table_obj, *draws_obj, *accept_obj, *rejected_obj;
     ptrs_constants c;
-    if (!PyArg_ParseTuple(args, "OOddddddOOOO:ptrs_round", &u_obj, &v_obj, &c.lam, &c.loglam,
+    long long base = 0;
+    if (!PyArg_ParseTuple(args, "OOddddddOOOO|L:ptrs_round", &u_obj, &v_obj, &c.lam, &c.loglam,
                           &c.a, &c.b, &c.log_invalpha, &c.vr, &table_obj, &draws_obj,
-                          &accept_obj, &rejected_obj)) {
+                          &accept_obj, &rejected_obj, &base)) {
         return NULL;
     }
     if (!(c.lam >= STIRLING_MIN) || !isfinite(c.lam)) {
@@ -169,14 +188,15 @@ static PyObject *ptrs_round(PyObject *self, PyObject *args) {
     if (get_buffer(accept_obj, &accept, 1, 1, m, "accept") < 0) {
         goto fail_draws;
     }
-    if (get_buffer(rejected_obj, &rejected, 1, 8, m, "rejected") < 0) {
+    if (get_buffer_ex(rejected_obj, &rejected, 1, 8, m, 1, "rejected") < 0) {
         goto fail_accept;
     }
     memcpy(c.log_factorial, table.buf, sizeof(c.log_factorial));
     Py_ssize_t n_rejected;
     Py_BEGIN_ALLOW_THREADS
     n_rejected = ptrs_kernel((const uint64_t *)u.buf, (const uint64_t *)v.buf, m, &c,
-                             (int64_t *)draws.buf, (uint8_t *)accept.buf, (int64_t *)rejected.buf);
+                             (int64_t *)draws.buf, (uint8_t *)accept.buf, (int64_t *)rejected.buf,
+                             (int64_t)base);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&rejected);
     PyBuffer_Release(&accept);
@@ -207,7 +227,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_ptrs", "Compiled PTRS Poisson round (see csprng).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_kernels", "The compiled PTRS round of secure aggregation (see _kernels.c).", -1,
+    methods,
 };
 
-PyMODINIT_FUNC PyInit__ptrs(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
