@@ -709,3 +709,17 @@ def test_prepared_shares_are_fresh_and_serve_one_step():
     assert not np.shares_memory(a.rounding_words, b.rounding_words)
     assert not np.array_equal(a.rounding_words, b.rounding_words)
     assert not torch.equal(a.offset, b.offset)
+
+
+def test_a_secure_aggregator_without_the_compiled_kernel_says_so(monkeypatch, caplog):
+    from dpray.stages.train_generator.noise import SecureAggregator
+
+    def build():
+        return SecureAggregator(4096, noise_multiplier=1.0, clip_norm=1.0, max_units_per_worker=4)
+
+    with caplog.at_level("WARNING", logger="dpray.stages.train_generator.noise"):
+        build()
+        assert not caplog.records
+        monkeypatch.setattr(kernels, "BACKEND", "numpy")
+        build()
+    assert any("compiled PTRS kernel" in r.getMessage() for r in caplog.records)

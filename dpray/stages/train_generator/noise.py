@@ -15,12 +15,14 @@ the last checkpoint, and the step counter keeps counting).
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
 from dpray.privacy.mechanisms.gaussian import add_gaussian_noise_, secret_torch_generator
+from dpray.privacy.secure_agg import kernels
 from dpray.privacy.secure_agg.aggregator import (
     SecureAggConfig,
     all_reduce_int64,
@@ -32,6 +34,8 @@ from dpray.privacy.secure_agg.aggregator import (
     private_generator,
 )
 from dpray.privacy.secure_agg.masks import generate_keypair
+
+log = logging.getLogger(__name__)
 
 
 def _world() -> tuple[int, int]:
@@ -102,6 +106,14 @@ class SecureAggregator:
         # (torch releases the GIL), see prefetch().
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secure-agg")
         self._pending: dict[int, Future] = {}
+        if kernels.backend() != "compiled" and self.rank == 0:
+            # same values, more CPU: e.g. an install without a C compiler, or a Ray job whose
+            # working_dir upload (which skips git-ignored build outputs) shadows the installed dpray
+            log.warning(
+                "secure aggregation: the compiled PTRS kernel (dpray.privacy.secure_agg._kernels) "
+                "is not built here; the noise shares are drawn by its numpy form (the same "
+                "values, ~1.6x its CPU)"
+            )
 
     def _share_future(self, step: int) -> Future:
         return self._pool.submit(
