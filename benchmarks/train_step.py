@@ -223,11 +223,29 @@ def _two_worker(rank, world, store, model_path, seqs, repeats, block, out, numpy
             "ptrs_backend": backend,
             "ratio_per_round": rounds["secure"],
             "block": block,
+            # every timed step, in round order (`block` per scheme and round)
+            "step_seconds": samples,
         }
         if numpy_sampler:
             result["ratio_per_round_" + NUMPY_SAMPLER] = rounds[NUMPY_SAMPLER]
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def bootstrap_ratio_ci(
+    step_seconds: dict[str, list[float]], name: str, block: int, draws: int = 4000
+) -> list[float]:
+    """95% bootstrap interval of median(``name`` steps) / median(central steps), resampling
+    whole rounds (each round's blocks of both schemes together: they ran minutes apart from the
+    other rounds, and the machine's speed drifts between rounds)."""
+    rng = np.random.default_rng(0)
+    central = np.asarray(step_seconds["central"]).reshape(-1, block)
+    other = np.asarray(step_seconds[name]).reshape(-1, block)
+    picks = rng.integers(0, len(central), size=(draws, len(central)))
+    ratios = np.median(other[picks].reshape(draws, -1), axis=1) / np.median(
+        central[picks].reshape(draws, -1), axis=1
+    )
+    return [float(q) for q in np.quantile(ratios, [0.025, 0.975])]
 
 
 def two_workers(
@@ -256,10 +274,14 @@ def two_workers(
     s = result["seconds"]
     result["ratio_secure_over_central"] = s["secure"] / s["central"]
     result["median_round_ratio"] = statistics.median(result["ratio_per_round"])
+    result["ratio_ci95"] = bootstrap_ratio_ci(result["step_seconds"], "secure", block)
     if numpy_sampler:
         result["ratio_" + NUMPY_SAMPLER + "_over_central"] = s[NUMPY_SAMPLER] / s["central"]
         result["median_round_ratio_" + NUMPY_SAMPLER] = statistics.median(
             result["ratio_per_round_" + NUMPY_SAMPLER]
+        )
+        result["ratio_ci95_" + NUMPY_SAMPLER] = bootstrap_ratio_ci(
+            result["step_seconds"], NUMPY_SAMPLER, block
         )
     return result
 
@@ -320,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "2 workers: secure / central (median round)",
                 f"{tw['ratio_secure_over_central']:.3f}x ({tw['median_round_ratio']:.3f}x)",
             ),
+            ("  95% bootstrap interval over rounds", "{:.3f}x - {:.3f}x".format(*tw["ratio_ci95"])),
             (f"secure offset, side thread ({tw['dim']} params)", ms["offset"]),
             ("secure encode | decode", f"{ms['encode']} | {ms['decode']}"),
             ("int64 all-reduce (gloo)", ms["allreduce"]),
@@ -330,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
                 (
                     "secure, numpy PTRS / central (median round)",
                     f"{tw['ratio_' + key + '_over_central']:.3f}x "
-                    f"({tw['median_round_ratio_' + key]:.3f}x)",
+                    f"({tw['median_round_ratio_' + key]:.3f}x; 95%: "
+                    "{:.3f}x - {:.3f}x)".format(*tw["ratio_ci95_" + key]),
                 )
             )
     config = vars(args) | {"threads": torch.get_num_threads()}

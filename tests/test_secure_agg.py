@@ -711,15 +711,30 @@ def test_prepared_shares_are_fresh_and_serve_one_step():
     assert not torch.equal(a.offset, b.offset)
 
 
-def test_a_secure_aggregator_without_the_compiled_kernel_says_so(monkeypatch, caplog):
+def test_a_secure_aggregator_without_the_compiled_kernel_says_so(monkeypatch):
+    import logging
+
     from dpray.stages.train_generator.noise import SecureAggregator
 
-    def build():
-        return SecureAggregator(4096, noise_multiplier=1.0, clip_norm=1.0, max_units_per_worker=4)
+    # a handler on the module's logger itself: the CLI's logging setup (run by other tests in
+    # the same session) stops dpray's records from reaching the root logger, where caplog listens
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("dpray.stages.train_generator.noise")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    try:
 
-    with caplog.at_level("WARNING", logger="dpray.stages.train_generator.noise"):
+        def build():
+            return SecureAggregator(
+                4096, noise_multiplier=1.0, clip_norm=1.0, max_units_per_worker=4
+            )
+
         build()
-        assert not caplog.records
+        assert not records
         monkeypatch.setattr(kernels, "BACKEND", "numpy")
         build()
-    assert any("compiled PTRS kernel" in r.getMessage() for r in caplog.records)
+    finally:
+        logger.removeHandler(handler)
+    assert any("compiled PTRS kernel" in r.getMessage() for r in records)
