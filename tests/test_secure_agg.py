@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -462,6 +463,63 @@ def test_the_stream_can_be_opened_at_any_word():
     across = gen._encryptor_at(last).update(bytes(128))
     assert across[64:] == gen._encryptor_at(last + 8).update(bytes(64))
     assert across[64:] != gen._encryptor_at(0).update(bytes(64))  # no wrap to block 0
+
+
+@pytest.mark.parametrize("where", ["keystream", "kernel"])
+def test_a_draw_that_fails_part_way_never_reuses_the_stream(where, monkeypatch):
+    """If a draw stops part-way (an exception between blocks), the generator continues after
+    every word that draw was given: the u stream must not run on into the v words, and no later
+    draw may read keystream whose use is unknown."""
+    _require_compiled_kernels()
+    count = 3 * csprng._FUSED_BLOCK
+    gen = _srng(41)
+    calls = {"n": 0}
+    real_keystream, real_kernel = csprng.keystream_into, kernels.compiled.ptrs_round
+
+    def failing_keystream(encryptor, out):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second block's u words
+            raise RuntimeError("injected")
+        return real_keystream(encryptor, out)
+
+    def failing_kernel(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected")
+        return real_kernel(*args)
+
+    if where == "keystream":
+        monkeypatch.setattr(csprng, "keystream_into", failing_keystream)
+    else:
+        monkeypatch.setattr(kernels, "compiled", SimpleNamespace(ptrs_round=failing_kernel))
+    with pytest.raises(RuntimeError, match="injected"):
+        gen.poisson(count, 1e6)
+    monkeypatch.undo()
+    assert gen.words_drawn == 2 * count
+    after = gen.random_words(4).tobytes()
+    assert after == _srng(41)._encryptor_at(2 * count).update(bytes(32))
+
+    # the same for a plain word draw that stops part-way
+    words = np.empty(1 << 16, np.uint64)  # 512 KiB: two 256 KiB keystream slices
+    monkeypatch.setattr(csprng, "_ZERO_BLOCK", bytes(1 << 18))
+    slices = {"n": 0}
+
+    class Failing:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def update_into(self, data, buf):
+            slices["n"] += 1
+            if slices["n"] == 2:
+                raise RuntimeError("injected")
+            return self.inner.update_into(data, buf)
+
+    gen._encryptor = Failing(gen._encryptor)
+    with pytest.raises(RuntimeError, match="injected"):
+        gen.words_into(words)
+    assert gen.words_drawn == 2 * count + 4 + words.size
+    end = gen.words_drawn
+    assert gen.random_words(2).tobytes() == _srng(41)._encryptor_at(end).update(bytes(16))
 
 
 def _require_compiled_kernels() -> None:

@@ -130,8 +130,16 @@ class SecureRandom:
     def _words_into(self, out: np.ndarray) -> np.ndarray:
         if out.size:
             with self._lock:
-                keystream_into(self._encryptor, out)
-                self.words_drawn += out.size
+                end = self.words_drawn + out.size
+                try:
+                    keystream_into(self._encryptor, out)
+                except BaseException:
+                    # stopped part-way: continue after every word this call was given, so that
+                    # no later draw can reuse keystream whose fate is unknown
+                    self._encryptor = self._encryptor_at(end)
+                    raise
+                finally:
+                    self.words_drawn = end
         return out
 
     def uniform(self, count: int) -> torch.Tensor:
@@ -240,25 +248,34 @@ class SecureRandom:
         v_words = scratch("ptrs-v", block, np.uint64)
         n_rejected = 0
         with self._lock:
+            end = self.words_drawn + 2 * m
             u_stream, v_stream = self._encryptor, self._encryptor_at(self.words_drawn + m)
-            for start in range(0, m, block):
-                stop = min(start + block, m)
-                u, v = u_words[: stop - start], v_words[: stop - start]
-                keystream_into(u_stream, u)
-                keystream_into(v_stream, v)
-                n_rejected += kernels.compiled.ptrs_round(
-                    u,
-                    v,
-                    *consts.kernel_args,
-                    _LOG_FACTORIAL,
-                    draws[start:stop],
-                    accept[start:stop],
-                    rejected[n_rejected:],
-                    start,
-                )
-            # the u stream has reached where the v stream began; continue after the v words
-            self._encryptor = v_stream
-            self.words_drawn += 2 * m
+            try:
+                for start in range(0, m, block):
+                    stop = min(start + block, m)
+                    u, v = u_words[: stop - start], v_words[: stop - start]
+                    keystream_into(u_stream, u)
+                    keystream_into(v_stream, v)
+                    n_rejected += kernels.compiled.ptrs_round(
+                        u,
+                        v,
+                        *consts.kernel_args,
+                        _LOG_FACTORIAL,
+                        draws[start:stop],
+                        accept[start:stop],
+                        rejected[n_rejected:],
+                        start,
+                    )
+            except BaseException:
+                # stopped part-way: the u stream must not run on into the v words already
+                # drawn, so the stream continues after both, as it does after a whole round
+                v_stream = self._encryptor_at(end)
+                raise
+            finally:
+                # a whole round leaves the u stream where the v stream began and the v stream
+                # at the end: continue from there
+                self._encryptor = v_stream
+                self.words_drawn = end
         return n_rejected
 
 
