@@ -584,6 +584,12 @@ def test_compiled_ptrs_round_checks_its_buffers():
         call(v=np.zeros(m - 1, np.uint64))
     with pytest.raises(ValueError, match="draws"):
         call(out=np.empty(m, np.int32))
+    with pytest.raises(ValueError, match="draws: expected items of format"):
+        call(out=np.empty(m, np.float64))  # right size, wrong type
+    with pytest.raises(ValueError, match="u_words: expected items of format"):
+        call(u=np.zeros(m, np.int64))
+    with pytest.raises(ValueError, match="accept"):
+        call(acc=np.empty(m, np.int8))
     with pytest.raises(ValueError, match="rejected"):
         call(rej=np.empty(m - 1, np.int64))
     with pytest.raises(ValueError, match="log_factorial"):

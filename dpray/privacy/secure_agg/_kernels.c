@@ -134,19 +134,30 @@ static Py_ssize_t ptrs_kernel(const uint64_t *u_words, const uint64_t *v_words, 
     return n_rejected;
 }
 
-/* A contiguous buffer of `itemsize`-byte items: exactly `count` of them (any count if
- * count < 0), or at least `count` with `at_least`. */
+/* A C-contiguous buffer of `itemsize`-byte items whose struct format (native or little-endian
+ * byte order) is one of the letters in `codes`: exactly `count` items (any count if count < 0),
+ * or at least `count` with `at_least`. */
 static int get_buffer_ex(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
-                         Py_ssize_t count, int at_least, const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+                         const char *codes, Py_ssize_t count, int at_least, const char *name) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        return -1;
+    }
+    const char *format = view->format != NULL ? view->format : "B";
+    if (*format == '@' || *format == '=' || *format == '<') {
+        format++;
+    }
+    if (view->itemsize != itemsize || strlen(format) != 1 || strchr(codes, *format) == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: expected items of format %s and %zd bytes, got %s",
+                     name, codes, itemsize, view->format != NULL ? view->format : "B");
+        PyBuffer_Release(view);
         return -1;
     }
     int bad_count = count >= 0 && (at_least ? view->len < count * itemsize
                                             : view->len != count * itemsize);
-    if (view->itemsize != itemsize || bad_count) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes of %zd",
-                     name, count, itemsize, view->len, view->itemsize);
+    if (bad_count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %s%zd items, got %zd", name,
+                     at_least ? "at least " : "", count, view->len / itemsize);
         PyBuffer_Release(view);
         return -1;
     }
@@ -154,11 +165,17 @@ static int get_buffer_ex(PyObject *obj, Py_buffer *view, int writable, Py_ssize_
 }
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
-                      Py_ssize_t count, const char *name) {
-    return get_buffer_ex(obj, view, writable, itemsize, count, 0, name);
+                      const char *codes, Py_ssize_t count, const char *name) {
+    return get_buffer_ex(obj, view, writable, itemsize, codes, count, 0, name);
 }
 
+#define UINT64_CODES "QL"
+#define INT64_CODES "ql"
+#define FLOAT64_CODES "d"
+#define BOOL_CODES "?B"
+
 static PyObject *ptrs_round(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *u_obj, *v_obj, *table_obj, *draws_obj, *accept_obj, *rejected_obj;
     ptrs_constants c;
     long long base = 0;
@@ -172,23 +189,23 @@ static PyObject *ptrs_round(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer u, v, table, draws, accept, rejected;
-    if (get_buffer(u_obj, &u, 0, 8, -1, "u_words") < 0) {
+    if (get_buffer(u_obj, &u, 0, 8, UINT64_CODES, -1, "u_words") < 0) {
         return NULL;
     }
     Py_ssize_t m = u.len / 8;
-    if (get_buffer(v_obj, &v, 0, 8, m, "v_words") < 0) {
+    if (get_buffer(v_obj, &v, 0, 8, UINT64_CODES, m, "v_words") < 0) {
         goto fail_u;
     }
-    if (get_buffer(table_obj, &table, 0, 8, N_LOG_FACTORIAL, "log_factorial") < 0) {
+    if (get_buffer(table_obj, &table, 0, 8, FLOAT64_CODES, N_LOG_FACTORIAL, "log_factorial") < 0) {
         goto fail_v;
     }
-    if (get_buffer(draws_obj, &draws, 1, 8, m, "draws") < 0) {
+    if (get_buffer(draws_obj, &draws, 1, 8, INT64_CODES, m, "draws") < 0) {
         goto fail_table;
     }
-    if (get_buffer(accept_obj, &accept, 1, 1, m, "accept") < 0) {
+    if (get_buffer(accept_obj, &accept, 1, 1, BOOL_CODES, m, "accept") < 0) {
         goto fail_draws;
     }
-    if (get_buffer_ex(rejected_obj, &rejected, 1, 8, m, 1, "rejected") < 0) {
+    if (get_buffer_ex(rejected_obj, &rejected, 1, 8, INT64_CODES, m, 1, "rejected") < 0) {
         goto fail_accept;
     }
     memcpy(c.log_factorial, table.buf, sizeof(c.log_factorial));
@@ -227,8 +244,15 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "The compiled PTRS round of secure aggregation (see _kernels.c).", -1,
+    PyModuleDef_HEAD_INIT,
+    "_kernels",
+    "The compiled PTRS round of secure aggregation (see _kernels.c).",
+    -1,
     methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
