@@ -41,7 +41,6 @@ from dpray.privacy.secure_agg.buffers import scratch
 
 __all__ = ["SecureRandom", "keystream_into", "words_to_uniform"]
 
-
 _ZERO_BLOCK = bytes(1 << 18)  # ChaCha20 keystream = encryption of zeros, 256 KiB at a time
 _STIRLING_MIN = 10.0  # log k! by the Stirling series at k >= 10 (error < 1e-12)
 _SMALL_LAMBDA = 10.0  # below: inversion; at and above: PTRS
@@ -192,7 +191,7 @@ class SecureRandom:
         the next round.
 
         A round's arithmetic runs in the compiled kernel (``_kernels.c``: one pass per element,
-        GIL released, ~2.3x faster) or, without a C build, chunk by chunk over cache-sized
+        GIL released) or, without a C build, chunk by chunk over cache-sized
         slices in numpy (:func:`_ptrs_chunk`); either does the exact acceptance test (two logs
         and :func:`_log_poisson_pmf`) only on the ~20% of candidates that miss the quick
         acceptance.  The stream consumption and every floating-point operation per draw are
@@ -279,10 +278,8 @@ class SecureRandom:
         return n_rejected
 
 
-_CHUNK = 1 << 15
-_FUSED_BLOCK = (
-    1 << 15
-)  # compiled round: 256 KiB of u and of v words per block, in L2  # draws per slice: a few float64 scratch arrays of 256 KiB stay in L2
+_CHUNK = 1 << 15  # draws per slice: a few float64 scratch arrays of 256 KiB stay in L2
+_FUSED_BLOCK = 1 << 15  # compiled round: 256 KiB of u and of v words per block, in L2
 
 
 class _PtrsConstants:

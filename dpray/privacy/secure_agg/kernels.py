@@ -3,7 +3,7 @@
 ``_kernels.c`` (built by setup.py when the install has a C compiler) holds the Skellam share's
 Poisson rejection round (:meth:`~dpray.privacy.secure_agg.csprng.SecureRandom.poisson`).  Its
 numpy form gives bit-identical results and runs when the extension is missing (same values,
-~2x the CPU for that round).
+~1.6x the CPU of a noise share).
 
 :data:`BACKEND` is read at every call, so tests and benchmarks can switch it to compare the two.
 """
@@ -15,7 +15,7 @@ try:
 except ImportError:  # pragma: no cover - an install without a C compiler
     compiled = None
 
-__all__ = ["BACKEND", "backend", "compiled"]
+__all__ = ["BACKEND", "backend", "compiled", "use_compiled"]
 
 #: ``"compiled"`` (the C kernel) or ``"numpy"``.
 BACKEND = "compiled" if compiled is not None else "numpy"
