@@ -39,6 +39,10 @@ stage / bare_traced >= 0.9 (issue 17).
     python -m benchmarks.embed --mix --n 30000 --stage --parts --no-ray --precision bfloat16 \
         --name embed_bf16                       # the bfloat16 encoder (AMX CPUs) vs float32 bare
 
+``--stage-actors N`` runs the stage with ``embed.num_actors = N`` (each actor then takes the
+node's CPUs divided among N, and as many torch threads): ``--stage-actors 1`` is one actor of two
+threads on two cores, against the default two actors of one.
+
 ``--precision bfloat16`` runs the stage and ``bare_traced`` with the bfloat16 encoder; ``bare``
 stays sentence-transformers in float32 (the baseline), and each part reports its vectors' largest
 coordinate difference and smallest cosine to it.
@@ -158,7 +162,12 @@ def write_candidates(root: Path, texts: list[str], shards: int = 10) -> None:
 
 
 def child_stage(
-    root: str, model: str, batch_size: int, fake: bool, precision: str = "float32"
+    root: str,
+    model: str,
+    batch_size: int,
+    fake: bool,
+    precision: str = "float32",
+    actors: int | None = None,
 ) -> None:
     """Run the embed stage on ``root`` in this (child) process; print one JSON line."""
     import ray
@@ -172,7 +181,12 @@ def child_stage(
             "run_dir": root,
             "data": {"path": str(Path(root) / "unused.jsonl")},
             "privacy": {"epsilon": 4.0, "delta": 1e-5},
-            "embed": {"model": model, "batch_size": batch_size, "precision": precision},
+            "embed": {
+                "model": model,
+                "batch_size": batch_size,
+                "precision": precision,
+                "num_actors": actors,
+            },
         }
     )
     if fake:  # the driver's own memory: queue files read back as actors would, zeros out
@@ -207,7 +221,12 @@ def child_stage(
 
 
 def run_stage_child(
-    texts: list[str], model: str, batch_size: int, fake: bool, precision: str = "float32"
+    texts: list[str],
+    model: str,
+    batch_size: int,
+    fake: bool,
+    precision: str = "float32",
+    actors: int | None = None,
 ) -> dict:
     """The stage on ``texts`` in a child process (its peak RSS is the stage driver's alone)."""
     root = Path(tempfile.mkdtemp(prefix="embed-bench-"))
@@ -225,6 +244,7 @@ def run_stage_child(
             str(batch_size),
             "--precision",
             precision,
+            *(["--stage-actors", str(actors)] if actors else []),
             *(["--fake-encoder"] if fake else []),
         ]
         start = time.perf_counter()
@@ -287,6 +307,12 @@ def main() -> None:
         help="also time Ray with sentence-transformers actors and the bare traced encoder",
     )
     parser.add_argument("--stage", action="store_true", help="also time the streamed stage")
+    parser.add_argument(
+        "--stage-actors",
+        type=int,
+        default=None,
+        help="the stage's embed.num_actors (default: one single-threaded actor per CPU)",
+    )
     parser.add_argument("--no-ray", action="store_true", help="skip the in-memory Ray pipeline")
     parser.add_argument("--order", default="", help="parts in this order (comma-separated)")
     parser.add_argument("--deadline", default="", help="HH:MM UTC: shrink parts to fit")
@@ -298,7 +324,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child_stage:
         return child_stage(
-            args.child_stage, args.model, args.batch_size, args.fake_encoder, args.precision
+            args.child_stage,
+            args.model,
+            args.batch_size,
+            args.fake_encoder,
+            args.precision,
+            args.stage_actors,
         )
     if args.stage_memory:
         sizes = [int(x) for x in args.stage_memory.split(",")]
@@ -356,7 +387,9 @@ def main() -> None:
     stage_rounds: list[dict] = []  # the child's own figures, one per round
 
     def stage_encode(part: list[str]) -> np.ndarray:
-        result = run_stage_child(part, args.model, args.batch_size, False, args.precision)
+        result = run_stage_child(
+            part, args.model, args.batch_size, False, args.precision, args.stage_actors
+        )
         stage_rounds.append({k: v for k, v in result.items() if k != "vectors"})
         return result["vectors"]
 
@@ -497,6 +530,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "cpus": cpus,
+        "stage_actors": args.stage_actors,
         "repeats": args.repeats,
         "parts": list(parts),
         "deadline": args.deadline or None,
