@@ -2,8 +2,8 @@
 
 Everything else is in pyproject.toml.  The extension is optional: without a C compiler the
 install still succeeds and :mod:`dpray.privacy.secure_agg.kernels` falls back to the numpy form,
-which computes the same values with ~1.6x the CPU of a noise share (tests/test_secure_agg.py checks that this build
-exists, so CI and developer installs cannot lose it silently).
+which computes the same values with ~1.6x the CPU of a noise share (tests/test_secure_agg.py
+checks that this build exists, so CI and developer installs cannot lose it silently).
 """
 
 import sys
